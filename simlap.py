@@ -1,0 +1,459 @@
+"""SimLAP: contrastive learning from arbitrary class pairs (Wu et al., arXiv 2410.18200), in one module.
+
+    backbone  f_E : image -> h            (build_backbone; only this is kept after training)
+    projector f_P : h -> z  (B, D)        (Projector, Table 5b)
+    filter        : (y1, y2) -> g (B, D)  (FeatureFilter, eq. 3 / Table 5c)
+    loss          : InfoNCE on g ⊙ z      (simlap_loss, eq. 2)
+
+Any two classes may be a positive pair: the filter opens the subspace where the two share features, and
+samples of neither class are the negatives. The paper's baselines are the same code (SimLAP(pairs=, use_filter=)):
+SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
+('arbitrary', no filter). train.py and eval.py import everything they share from here.
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+PAIR_MODES = ("arbitrary", "identical", "distinct", "nearest", "instance")
+ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather(x, with_grad=False):
+    """Concatenate x from all ranks along dim 0 (a no-op in one process). Plain all_gather has no gradient:
+    keys need it (with_grad=True) so that the update equals the single-process update on the global batch."""
+    if world_size() == 1:
+        return x
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- networks
+def build_backbone(arch, small_images=False, image_size=None):
+    """Randomly initialised encoder f_E -> (module, feature_dim). Nothing is downloaded.
+    small_images (32-96 px): ResNets get the CIFAR stem (3x3 conv, stride 1, no max-pool); ViTs get patch 4."""
+    if arch in ("resnet18", "resnet50"):
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+        if small_images:
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    if arch in ("vit_tiny", "vit_small", "vit_base"):
+        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
+        size = image_size or (32 if small_images else 224)
+        net = torchvision.models.VisionTransformer(image_size=size, patch_size=4 if small_images else 16,
+                                                   num_layers=12, num_heads=heads, hidden_dim=width,
+                                                   mlp_dim=4 * width)
+        net.heads = nn.Identity()  # forward() then returns the class-token feature
+        return net, width
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+class Projector(nn.Sequential):
+    """f_P, Table 5b. The final LayerNorm is what keeps training stable (section 5.2)."""
+
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=256):
+        super().__init__(nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, hidden_dim),
+                         nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim),
+                         nn.LayerNorm(out_dim))
+
+
+class FeatureFilter(nn.Module):
+    """Label pair -> gate vector in (0,1)^D: g(y1,y2) = sigmoid(f_g((f_l(y1) + f_l(y2)) / 2)) (eq. 3, Table 5c).
+    With one label it is the class gate g(y) = sigmoid(f_g(f_l(y))) (eq. 4)."""
+
+    def __init__(self, num_classes, out_dim=256, embed_dim=512, hidden_dim=1024):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, embed_dim)  # f_l
+        self.mlp = nn.Sequential(nn.BatchNorm1d(embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, hidden_dim),
+                                 nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def logits(self, y1, y2=None):  # (B,) [, (B,)] -> (B, D), before the sigmoid
+        e = self.embed(y1) if y2 is None else (self.embed(y1) + self.embed(y2)) / 2  # symmetric in (y1, y2)
+        return self.mlp(e)
+
+    def forward(self, y1, y2=None):
+        return torch.sigmoid(self.logits(y1, y2))
+
+
+def gate_penalty(filter):
+    """Eq. 5 with the sign fixed: the mean Bernoulli entropy of the K class gates g(y) (eq. 4).
+    The paper prints L_G = 1/(KD) sum g log g; minimising that pulls every gate to 1/e instead of to {0, 1}.
+    The entropy -[g log g + (1-g) log(1-g)] is minimal exactly at 0 and 1, which is the stated intent."""
+    z = filter.logits(torch.arange(filter.num_classes, device=filter.embed.weight.device)).float()  # (K, D)
+    g = torch.sigmoid(z)
+    return -(g * F.logsigmoid(z) + (1 - g) * F.logsigmoid(-z)).mean()
+
+
+def gate_entropy(g):
+    """Mean Bernoulli entropy (nats) of gate values g: 0 for binary gates, log 2 for g = 0.5."""
+    g = g.float().clamp(1e-7, 1 - 1e-7)
+    return -(g * g.log() + (1 - g) * (1 - g).log()).mean()
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+def sample_partners(y, mode="arbitrary", batch_labels=None, num_classes=None, class_dist=None, n=1,
+                    generator=None):
+    """Partner class y2 for every anchor label y (B,) -> (B,) long; -1 where no valid partner is in the batch
+    (that anchor then has no positive and is left out of the loss).
+
+    batch_labels: labels of every key in the global batch (default y); partners are drawn from these.
+      arbitrary  y2 uniform over the classes present (the paper's "randomly choose one label from a mini-batch")
+      identical  y2 = y1 (SupCon);  instance: y2 = y1 too (SimLAP swaps in instance ids, see SimLAP.forward)
+      distinct   y2 uniform over the classes present other than y1
+      nearest    y2 uniform over the n present classes closest to y1 under class_dist (K, K), ties at the
+                 n-th distance included; n = 0 means y1 itself (the paper's Fig. 8 "N-closest classes")
+    Sampling is argmax of masked uniform noise over a (B, K) mask: no host sync, no Python loop."""
+    if mode in ("identical", "instance") or (mode == "nearest" and n == 0):
+        return y.clone()
+    if mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair mode {mode!r}; choose one of {', '.join(PAIR_MODES)}")
+    batch_labels = y if batch_labels is None else batch_labels
+    K = num_classes or (class_dist.shape[0] if class_dist is not None else int(batch_labels.max()) + 1)
+    present = torch.zeros(K, dtype=torch.bool, device=y.device).index_fill_(0, batch_labels, True)
+    allowed = present.expand(len(y), K).clone()  # (B, K)
+    if mode in ("distinct", "nearest"):
+        allowed[torch.arange(len(y), device=y.device), y] = False
+    if mode == "nearest":
+        d = class_dist.to(y.device, torch.float32)[y].masked_fill(~allowed, float("inf"))  # (B, K)
+        kth = d.topk(min(n, K), dim=1, largest=False).values[:, -1:]
+        allowed &= d <= kth
+    noise = torch.rand(allowed.shape, generator=generator, device=y.device)
+    y2 = noise.masked_fill(~allowed, -1.0).argmax(1)
+    return torch.where(allowed.any(1), y2, torch.full_like(y2, -1))
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def subspace_cosine(q, k, gates, eps=1e-8):
+    """s[i, j] = cos(g_i ⊙ q_i, g_i ⊙ k_j), re-normalised inside anchor i's subspace (eq. 2).
+    q (B, D), k (N, D), gates (B, D) -> (B, N) with two matrix products, never a (B, N, D) tensor:
+      <g_i⊙q_i, g_i⊙k_j> = ((g²⊙q) kᵀ)_ij      ‖g_i⊙k_j‖² = (g² (k⊙k)ᵀ)_ij"""
+    # The cosine is invariant to rescaling g_i, so dividing by max(g_i) changes nothing but keeps g² from
+    # underflowing when all gates are tiny. The scale is detached: its exact gradient is zero.
+    g = gates / gates.amax(1, keepdim=True).detach().clamp_min(eps)
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    g2 = g * g
+    dot = (g2 * q) @ k.T  # (B, N)
+    k_norm = (g2 @ (k * k).T).clamp_min(eps * eps).sqrt()  # (B, N)
+    q_norm = (g * q).norm(dim=1, keepdim=True).clamp_min(eps)  # (B, 1)
+    return dot / (q_norm * k_norm)
+
+
+def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, num_pairs=None):
+    """Universal contrastive loss, eq. 2, computed in fp32 (fp64 stays fp64) even under autocast.
+
+    q (B, D) anchors (view 1), k (N, D) keys (view 2), y (B,) anchor labels, y2 (B,) partner classes,
+    gates (B, D) = g(y, y2). key_labels (N,): labels of the keys (default y, i.e. N = B); under DDP the keys
+    and their labels are gathered from all ranks while the anchors stay local.
+    For anchor i: positives are keys with label y2[i], negatives keys whose label is neither y[i] nor y2[i]
+    (keys of class y[i] that are not positives are ignored). Each (anchor, positive) pair contributes
+      -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n e^{s_in/τ}) )
+    and the loss is the mean over all pairs, or their sum / num_pairs if given (DDP: see SimLAP.forward).
+    Anchors without a positive (y2 = -1, or y2 absent from the keys) add nothing: never NaN.
+    Special case: y = y2 = instance ids and all-ones gates is SimCLR's cross-view InfoNCE."""
+    key_labels = y if key_labels is None else key_labels
+    with torch.autocast(q.device.type, enabled=False):
+        dt = torch.promote_types(q.dtype, torch.float32)
+        logits = subspace_cosine(q.to(dt), k.to(dt), gates.to(dt)) / temperature  # (B, N)
+        pos = y2[:, None] == key_labels[None, :]  # (B, N)
+        neg = (key_labels[None, :] != y[:, None]) & ~pos
+        # A finite fill (not -inf) keeps logsumexp's gradient finite when an anchor has no negative.
+        lse_neg = logits.masked_fill(~neg, torch.finfo(dt).min).logsumexp(1, keepdim=True)  # (B, 1)
+        per_pair = torch.logaddexp(logits, lse_neg) - logits  # (B, N), used where pos
+        total = torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum()
+        count = pos.sum().clamp_min(1) if num_pairs is None else num_pairs
+        return total / count
+
+
+# ----------------------------------------------------------------------------------------------- model
+class SimLAP(nn.Module):
+    """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats). Works unchanged under DDP:
+    anchors stay local, keys and labels are gathered from all ranks with gradient."""
+
+    def __init__(self, arch="resnet18", num_classes=16, small_images=False, image_size=None, proj_hidden=2048,
+                 proj_dim=256, pairs="arbitrary", use_filter=True, temperature=0.1, gate_penalty=0.0,
+                 class_dist=None, nearest_n=1):
+        super().__init__()
+        if pairs not in PAIR_MODES:
+            raise ValueError(f"unknown pair mode {pairs!r}; choose one of {', '.join(PAIR_MODES)}")
+        if pairs == "nearest" and class_dist is None:
+            raise ValueError("pairs='nearest' needs a (K, K) class_dist")
+        self.backbone, self.feature_dim = build_backbone(arch, small_images, image_size)
+        self.projector = Projector(self.feature_dim, proj_hidden, proj_dim)
+        self.filter = FeatureFilter(num_classes, proj_dim)  # kept without use_filter, so checkpoints match
+        self.num_classes, self.pairs, self.use_filter = num_classes, pairs, use_filter
+        self.temperature, self.gate_penalty, self.nearest_n = temperature, gate_penalty, nearest_n
+        self.register_buffer("class_dist", class_dist.float() if class_dist is not None else None, persistent=False)
+
+    def forward(self, x1, x2, y, y2=None, stats=False):
+        """x1, x2 (B, 3, H, W) two views, y (B,) labels; y2 (B,) overrides the sampled partners.
+        stats=True also returns plain floats (one host sync); training asks for them every few steps only."""
+        B = len(y)
+        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).float().chunk(2)  # (B, D) each
+        k1, k2 = gather(z1, with_grad=True), gather(z2, with_grad=True)  # (W*B, D): keys from every rank
+        key_y = gather(y)
+        if y2 is None:
+            y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n)
+        gates = self.filter(y, y2.clamp_min(0)) if self.use_filter else torch.ones_like(z1)  # (B, D)
+        if self.pairs == "instance":  # the only positive is the anchor's own other view: labels = global ids
+            y = y2 = torch.arange(B, device=y.device) + rank() * B
+            key_y = gather(y)
+        # DDP averages gradients over ranks, so each rank divides its pair sum by (global pairs / world size):
+        # the update then equals the single-process update on the global batch.
+        num_pairs = (y2[:, None] == key_y[None, :]).sum()
+        if world_size() > 1:
+            dist.all_reduce(num_pairs)
+        num_pairs = num_pairs.clamp_min(1) / world_size()
+        loss = (simlap_loss(z1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
+                + simlap_loss(z2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
+        if self.gate_penalty > 0:
+            loss = loss + self.gate_penalty * gate_penalty(self.filter)
+        if not stats:
+            return loss, {}
+        with torch.no_grad():
+            pos = y2[:, None] == key_y[None, :]
+            sim = subspace_cosine(z1, k2, gates)
+            values = torch.stack([loss.detach().float(), (gates > 0.5).float().sum(1).mean(), gate_entropy(gates),
+                                  (sim * pos).sum() / pos.sum().clamp_min(1)]).tolist()
+        return loss, dict(zip(("loss", "gate_open", "gate_entropy", "pos_sim"), values))
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as in SimCLR/MoCo v3. Parameters with ndim <= 1 (biases, BN/LN weights) get
+    neither weight decay nor the trust ratio: plain momentum SGD."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = p.norm(), g.norm()
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), group["eta"] * p_norm / g_norm,
+                                        torch.ones_like(p_norm))
+                    g = g.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Offline data set with known class structure: class = (shape, colour), 4 x 4 = 16 classes by default.
+    Two classes sharing a shape or a colour share a ground-truth feature, so the paper's claims (gates overlap
+    for related classes, transfer to unseen combinations) are checkable. 32x32 RGB uint8 images with nuisance
+    position, scale, hue jitter, shading and a noisy striped background; generated vectorised, deterministic
+    per (seed, split), class-balanced. `classes` keeps a subset (labels are re-indexed 0..len-1; `attributes`
+    follows), which is how transfer to held-out attribute combinations is measured."""
+
+    SHAPES = ("circle", "square", "triangle", "cross")
+    COLOURS = ((0.9, 0.15, 0.15), (0.15, 0.8, 0.2), (0.2, 0.3, 0.95), (0.95, 0.85, 0.1))
+    COLOUR_NAMES = ("red", "green", "blue", "yellow")
+
+    def __init__(self, split="train", per_class=None, seed=0, classes=None, transform=None, size=32):
+        per_class = per_class or (500 if split == "train" else 100)
+        all_attrs = torch.tensor([(s, c) for s in range(len(self.SHAPES)) for c in range(len(self.COLOURS))])
+        classes = list(range(len(all_attrs))) if classes is None else list(classes)
+        self.attributes = all_attrs[classes]  # (K, 2): shape id, colour id
+        self.classes = [f"{self.COLOUR_NAMES[c]}_{self.SHAPES[s]}" for s, c in self.attributes.tolist()]
+        self.targets = torch.arange(len(classes)).repeat_interleave(per_class)  # balanced, re-indexed labels
+        gen = torch.Generator().manual_seed(seed * 7919 + {"train": 1, "test": 2}.get(split, 3))
+        self.images = self._render(self.attributes[self.targets], size, gen)
+        self.transform = transform
+
+    @classmethod
+    def _render(cls, attrs, size, gen):  # attrs (N, 2) -> (N, 3, size, size) uint8
+        N = len(attrs)
+        r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+        coords = torch.linspace(-1, 1, size)
+        yy, xx = coords[None, :, None], coords[None, None, :]
+        cx, cy, scale = (r(N, 1, 1) - 0.5) * 0.7, (r(N, 1, 1) - 0.5) * 0.7, 0.35 + 0.3 * r(N, 1, 1)
+        u, v = (xx - cx) / scale, (yy - cy) / scale  # (N, size, size)
+        masks = torch.stack([u ** 2 + v ** 2 <= 1,                                               # circle
+                             (u.abs() <= 0.8) & (v.abs() <= 0.8),                                # square
+                             (v <= 0.8) & (u.abs() <= (0.8 - v) / 2) & (v >= -1),                # triangle
+                             ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1))])  # cross
+        mask = masks[attrs[:, 0], torch.arange(N)].float()[:, None]  # (N, 1, size, size)
+        colour = torch.tensor(cls.COLOURS)[attrs[:, 1]] + (r(N, 3) - 0.5) * 0.2  # hue jitter
+        shade = 0.75 + 0.25 * r(N, 1, 1, 1)
+        freq, phase = 2 + 6 * r(N, 1, 1, 1), 6.3 * r(N, 1, 1, 1)
+        background = (0.25 + 0.25 * r(N, 3, 1, 1) + 0.08 * torch.sin(freq * (xx + yy)[None] * 3 + phase)
+                      + 0.06 * torch.randn(N, 3, size, size, generator=gen))
+        img = background * (1 - mask) + colour[:, :, None, None] * shade * mask
+        img = img + 0.03 * torch.randn(N, 3, size, size, generator=gen)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def attribute_distance(self):
+        """(K, K) number of attributes two classes differ in: the built-in class distance for pairs='nearest'."""
+        return (self.attributes[:, None, :] != self.attributes[None, :, :]).sum(-1).float()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = torchvision.tv_tensors.Image(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def train_transform(size):
+    """One random view: the paper's "three augmentations" (appendix D.2) after a random resized crop and flip.
+    Blur only at >= 64 px, where a 3x3+ kernel does not erase the image."""
+    blur = [v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)] if size >= 64 else []
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                       v2.RandomGrayscale(p=0.2), *blur, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def eval_transform(size):
+    """Resize to size/0.875 (size itself at <= 32 px) and center crop, as in the usual ImageNet protocol."""
+    resize = size if size <= 32 else int(round(size / 0.875))
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Wraps a data set to return (view1, view2, label). Indexed by (index, epoch) from EpochSampler, it seeds
+    the augmentation from (seed, epoch, index): views are then a pure function of the sample, independent of
+    worker count and process, which makes resuming mid-epoch exact."""
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        img, label = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            return self.transform(img), self.transform(img), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded permutation per epoch (as DistributedSampler with drop_last), yielding
+    (index, epoch) and able to start mid-epoch (`start` batches are skipped, for exact resume)."""
+
+    def __init__(self, n, batch_size, seed=0):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, 0, 0
+        self.steps = n // (batch_size * world_size())  # full global batches per epoch
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        per_rank = perm[: self.steps * self.batch_size * world_size()].view(self.steps, world_size(), -1)
+        for i in per_rank[self.start:, rank()].flatten().tolist():
+            yield i, self.epoch
+
+    def __len__(self):
+        return (self.steps - self.start) * self.batch_size
+
+
+def build_dataset(name, root, split, transform=None, download=False):
+    """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
+    root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path."""
+    train = split == "train"
+    tv = torchvision.datasets
+    if name == "synthetic":
+        return SyntheticShapes(split, transform=transform)
+    if name == "imagefolder":
+        path = os.path.join(root or "", "train" if train else "val")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no ImageFolder split at {path}: --data must hold train/<class>/ and val/<class>/")
+        return tv.ImageFolder(path, transform=transform)
+    makers = {"cifar10": lambda: tv.CIFAR10(root, train=train, transform=transform, download=download),
+              "cifar100": lambda: tv.CIFAR100(root, train=train, transform=transform, download=download),
+              "stl10": lambda: tv.STL10(root, "train" if train else "test", transform=transform, download=download),
+              "flowers102": lambda: tv.Flowers102(root, "train" if train else "test", transform=transform,
+                                                  download=download),
+              "pets": lambda: tv.OxfordIIITPet(root, "trainval" if train else "test", transform=transform,
+                                               download=download),
+              "cars": lambda: tv.StanfordCars(root, "train" if train else "test", transform=transform,
+                                              download=download)}
+    if name not in makers:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        return makers[name]()
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision raises these for missing/corrupt files
+        raise FileNotFoundError(f"{name} not found under --data {root!r} ({e}); pass --download to fetch it") from None
+
+
+def num_classes_of(ds):
+    if hasattr(ds, "classes"):
+        return len(ds.classes)
+    labels = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or getattr(ds, "labels", None)
+    return int(max(labels)) + 1
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def extract_features(backbone, loader, device, desc=None):
+    """Backbone features (eval mode, no grad) and labels of a whole loader -> (N, F) float32 CPU, (N,) long."""
+    from tqdm import tqdm
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc=desc, disable=desc is None or rank() != 0, leave=False):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classes=None, chunk=1024):
+    """Weighted kNN (Wu et al. 2018; DINO's eval_knn): cosine top-k neighbours vote for their class with
+    weight exp(sim / T). Returns predictions (N_test,). Processed in chunks of test rows, so memory is
+    O(chunk x N_train). Ties, by rule: among equal similarities the lower bank index is the nearer neighbour;
+    among equal class scores the lower class index wins (argmax returns the first maximum)."""
+    if k > len(train_feats):
+        raise ValueError(f"k={k} is larger than the feature bank ({len(train_feats)} samples)")
+    C = num_classes or int(train_labels.max()) + 1
+    bank = F.normalize(train_feats.double(), dim=1)
+    onehot = F.one_hot(train_labels.long(), C).double()  # (N, C)
+    preds = []
+    for q in F.normalize(test_feats.double(), dim=1).split(chunk):
+        sim = q @ bank.T  # (b, N)
+        kth = sim.topk(k, dim=1).values[:, -1:]  # the k-th largest similarity
+        above = sim > kth
+        ties = sim == kth  # fill the remaining places with the lowest-index ties
+        need = k - above.sum(1, keepdim=True)
+        chosen = above | (ties & (ties.cumsum(1) <= need))
+        scores = (chosen * (sim / T).exp()) @ onehot  # (b, C)
+        preds.append(scores.argmax(1))
+    return torch.cat(preds)
