@@ -205,6 +205,9 @@ class SimLAP(nn.Module):
         self.num_classes, self.pairs, self.use_filter = num_classes, pairs, use_filter
         self.temperature, self.gate_penalty, self.nearest_n = temperature, gate_penalty, nearest_n
         self.register_buffer("class_dist", class_dist.float() if class_dist is not None else None, persistent=False)
+        self.generator = None  # torch.Generator for partner sampling (train.py sets and checkpoints it)
+        if not use_filter:
+            self.filter.requires_grad_(False)  # unused: keeps DDP and the optimizer away from it
 
     def forward(self, x1, x2, y, y2=None, stats=False):
         """x1, x2 (B, 3, H, W) two views, y (B,) labels; y2 (B,) overrides the sampled partners.
@@ -214,7 +217,8 @@ class SimLAP(nn.Module):
         k1, k2 = gather(z1, with_grad=True), gather(z2, with_grad=True)  # (W*B, D): keys from every rank
         key_y = gather(y)
         if y2 is None:
-            y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n)
+            y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
+                                 self.generator)
         gates = self.filter(y, y2.clamp_min(0)) if self.use_filter else torch.ones_like(z1)  # (B, D)
         if self.pairs == "instance":  # the only positive is the anchor's own other view: labels = global ids
             y = y2 = torch.arange(B, device=y.device) + rank() * B
@@ -363,6 +367,20 @@ class TwoViews(torch.utils.data.Dataset):
             return self.transform(img), self.transform(img), label
 
 
+class Transformed(torch.utils.data.Dataset):
+    """A data set seen through a transform (e.g. the train split with the eval transform for a kNN bank)."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.transform(img), label
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded permutation per epoch (as DistributedSampler with drop_last), yielding
     (index, epoch) and able to start mid-epoch (`start` batches are skipped, for exact resume)."""
@@ -384,13 +402,15 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.batch_size
 
 
-def build_dataset(name, root, split, transform=None, download=False):
+def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None):
     """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
-    root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path."""
+    root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path.
+    synthetic_per_class: train images per class of the synthetic set (test gets a quarter, at least 10)."""
     train = split == "train"
     tv = torchvision.datasets
     if name == "synthetic":
-        return SyntheticShapes(split, transform=transform)
+        per_class = synthetic_per_class and (synthetic_per_class if train else max(10, synthetic_per_class // 4))
+        return SyntheticShapes(split, per_class=per_class, transform=transform)
     if name == "imagefolder":
         path = os.path.join(root or "", "train" if train else "val")
         if not os.path.isdir(path):

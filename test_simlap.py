@@ -1,5 +1,6 @@
 """Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
+import json
 import math
 
 import pytest
@@ -287,3 +288,160 @@ def test_two_views_are_a_pure_function_of_seed_epoch_index():
     w1, w2, _ = ds[(3, 0)]
     assert v1.shape == (3, 16, 16) and torch.equal(v1, w1) and torch.equal(v2, w2) and not torch.equal(v1, v2)
     assert not torch.equal(ds[(3, 1)][0], v1)  # another epoch, other views
+
+
+# ----------------------------------------------------------------------------------------------- train.py
+import os
+import subprocess
+import sys
+
+import torchvision
+
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--synthetic-per-class", "8", "--batch-size", "32", "--image-size", "8", "--proj-hidden", "64",
+        "--proj-dim", "32", "--knn-every", "0", "--log-every", "2", "--epochs", "2"]  # 128 images, 4 steps/epoch
+
+
+def run_train(*args, workers=0):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *TINY, "--workers", str(workers), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+
+
+def toy_model():
+    """A SimLAP whose encoder and projector hold no BatchNorm, and whose filter BN uses fixed statistics:
+    then 2 processes with B/2 each must compute exactly what 1 process computes with B."""
+    torch.manual_seed(0)
+    m = simlap.SimLAP("resnet18", 5, small_images=True, proj_hidden=16, proj_dim=8)
+    m.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 12))
+    m.projector = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.LayerNorm(8))
+    m.filter.mlp[0].eval(), m.filter.mlp[3].eval()
+    m.filter.mlp[0].train = m.filter.mlp[3].train = lambda mode=True: None  # stay in eval mode
+    return m
+
+
+def ddp_data():
+    g = torch.Generator().manual_seed(1)
+    B = 8
+    return (torch.randn(B, 3, 4, 4, generator=g), torch.randn(B, 3, 4, 4, generator=g),
+            torch.tensor([0, 1, 2, 0, 1, 3, 4, 0]), torch.tensor([1, 1, 0, 3, 4, 2, 0, 0]))
+
+
+def one_step(model, x1, x2, y, y2):
+    opt = simlap.LARS([p for p in model.parameters() if p.requires_grad], lr=0.5, weight_decay=1e-4)
+    loss, _ = model(x1, x2, y, y2)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _ddp_worker(r, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
+    model = toy_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    x1, x2, y, y2 = (t.chunk(world)[r] for t in ddp_data())
+    loss = one_step(ddp, x1, x2, y, y2)
+    dist.all_reduce(loss)
+    torch.save({"loss": loss / world, "params": model.state_dict()}, f"{out}.{r}")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    model = toy_model()
+    loss = one_step(model, *ddp_data())
+    for r in range(2):
+        got = torch.load(tmp_path / f"ddp.{r}", weights_only=True)
+        assert torch.allclose(got["loss"], loss, atol=1e-5), (got["loss"], loss)
+        for name, p in model.state_dict().items():
+            assert torch.allclose(got["params"][name], p, atol=1e-5), name
+    assert not torch.equal(model.backbone[1].weight, toy_model().backbone[1].weight)  # the step did move
+
+
+def test_resume_is_exact_and_outputs_load(tmp_path):
+    """2 epochs straight == a process stopped mid-epoch (step 6 of 8) that exits, then the same command again.
+    The interrupted run uses 2 loader workers, the others none: augmentations do not depend on workers."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main([*TINY, "--workers", "0", "--output-dir", str(straight)])
+    r = run_train("--output-dir", str(resumed), "--stop-after", "6", workers=2)
+    assert r.returncode == 0 and "stopped after 6 steps at step 6" in r.stdout, r.stderr
+    train.main([*TINY, "--workers", "0", "--output-dir", str(resumed), "--stop-after", "6"])
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, resumed))
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    # the outputs a user takes away
+    assert {"checkpoint.pt", "backbone.pt", "args.json", "log.jsonl"} <= set(os.listdir(straight))
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()  # small-image stem
+    net.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True), strict=True)
+    args = json.loads((straight / "args.json").read_text())
+    assert args["lr"] == pytest.approx(0.05 * 32 / 256) and args["per_gpu_batch"] == 32
+    epochs = [r["epoch"] for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "img_per_s" in r]
+    assert epochs[-1] == 2
+
+
+def test_lr_schedule():
+    peak, total, warm = 1.0, 100, 10
+    lrs = [train.get_lr(s, total, warm, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90))) and lrs[-1] < 1e-3
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    train.save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half a checkp")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    argv = [*TINY, "--workers", "0", "--output-dir", out, "--stop-after", "4"]
+    train.main(argv)
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    monkeypatch.setattr(simlap, "simlap_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(train.NonFiniteLoss, match="step 4"):
+        train.main(argv)
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path):
+    r = run_train("--arch", "resnet7", "--output-dir", str(tmp_path / "x"))  # the CLI path: code 2, one line
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == [
+        "train.py: error: unknown --arch 'resnet7'; choose one of resnet18, resnet50, vit_tiny, vit_small, vit_base"]
+    assert not (tmp_path / "x").exists()
+    good = tmp_path / "good"
+    train.main([*TINY, "--workers", "0", "--output-dir", str(good), "--stop-after", "1"])
+    before = {f: (good / f).read_bytes() for f in os.listdir(good)}
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    cases = {"unknown dataset": ["--dataset", "mnist"],
+             "missing data": ["--dataset", "imagefolder", "--data", str(tmp_path / "nope")],
+             "batch too small": ["--batch-size", "1"],
+             "other arch": ["--output-dir", str(good), "--arch", "resnet50"],
+             "other projector": ["--output-dir", str(good), "--proj-dim", "16"],
+             "bad distances": ["--output-dir", str(good), "--pairs", "nearest", "--class-distances", str(afile)],
+             "unwritable output": ["--output-dir", str(afile / "sub")]}
+    for name, args in cases.items():
+        with pytest.raises(train.UserError) as e:
+            train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
+        assert "\n" not in str(e.value) and len(str(e.value)) > 20, name
+    assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before  # nothing overwritten

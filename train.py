@@ -1,0 +1,342 @@
+"""Train SimLAP (arXiv 2410.18200) on 1-8 GPUs, or on the CPU. One process or torchrun, decided from the environment.
+
+Embedded demo (synthetic shapes, ResNet-18 with the small-image stem; ~5 minutes on a 2-core CPU):
+    python train.py
+    torchrun --standalone --nproc_per_node=1 train.py
+The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 1e-4, 40 warmup epochs, cosine):
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet \\
+        --arch resnet50 --image-size 224 --batch-size 1024 --epochs 1000 --warmup-epochs 40 --base-lr 0.05 \\
+        --weight-decay 1e-4 --temperature 0.1 --proj-dim 256 --workers 10 --knn-every 50
+Baselines: --pairs instance --no-filter (SimCLR), --pairs identical --no-filter (SupCon).
+Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import simlap
+from simlap import rank, world_size
+
+
+class UserError(Exception):
+    """A mistake in the command or the files it names: one line on stderr, exit code 2, nothing overwritten."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UserError(message)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a) on the embedded synthetic demo.")
+    a = p.add_argument
+    a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
+    a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
+    a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
+    a("--synthetic-per-class", type=int, default=150, help="synthetic training images per class (default: 150)")
+    a("--arch", default="resnet18", help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18)")
+    a("--image-size", type=int, default=None, help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
+    a("--epochs", type=int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")
+    a("--batch-size", type=int, default=128, help="GLOBAL batch over all GPUs (default: 128; the paper: 1024)")
+    a("--optimizer", default="lars", choices=("lars", "adamw"), help="lars (paper default) or adamw (Table 3a)")
+    a("--base-lr", type=float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
+      "(default: 0.05 for lars, i.e. 0.2 at batch 1024; 5e-4 for adamw, i.e. 2e-3 at 1024)")
+    a("--weight-decay", type=float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
+    a("--momentum", type=float, default=0.9, help="LARS momentum (default: 0.9)")
+    a("--warmup-epochs", type=float, default=40, help="linear warmup, capped at a tenth of the run (default: 40)")
+    a("--temperature", type=float, default=0.1, help="tau of eq. 2 (default: 0.1)")
+    a("--proj-dim", type=int, default=256, help="projector output D (default: 256)")
+    a("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
+    a("--pairs", default="arbitrary", choices=simlap.PAIR_MODES, help="how partner classes are drawn (default: arbitrary)")
+    a("--no-filter", action="store_true", help="all-ones gates (the SimCLR / SupCon baselines)")
+    a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
+      "(default on synthetic: the number of differing attributes)")
+    a("--nearest-n", type=int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
+    a("--gate-penalty", type=float, default=0.0, help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
+    a("--workers", type=int, default=2, help="data loader workers per process (default: 2)")
+    a("--seed", type=int, default=0, help="seed (default: 0)")
+    a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<pairs>[-nofilter]")
+    a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
+    a("--knn-every", type=int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
+    a("--knn-samples", type=int, default=10000, help="kNN monitor: at most this many bank/test images (default: 10000)")
+    a("--log-every", type=int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
+    a("--stop-after", type=int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. to fit "
+      "a job time limit; rerun the same command to continue (default: 0 = run to the end)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    lars = args.optimizer == "lars"
+    args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
+    args.image_size = args.image_size or {"synthetic": 16, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(args.dataset, 224)
+    args.small_images = args.image_size <= 96
+    args.output_dir = args.output_dir or os.path.join(
+        "runs", f"{args.dataset}-{args.arch}-{args.pairs}" + ("-nofilter" if args.no_filter else ""))
+    if args.arch not in simlap.ARCHS:
+        raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
+    if args.batch_size % world_size() or args.batch_size // world_size() < 2:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size()} processes and "
+                        "give at least 2 images per process")
+    return args
+
+
+def get_lr(step, total_steps, warmup_steps, peak):
+    """Linear warmup, then cosine to 0: a pure function of the global step, so resuming needs no scheduler."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then os.replace: a crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, args, num_classes):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); pass another --resume or remove it")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint")
+    old = ckpt["args"]
+    for key, now in (("arch", args.arch), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
+                     ("proj_hidden", args.proj_hidden), ("small_images", args.small_images)):
+        if old.get(key) != now:
+            raise UserError(f"checkpoint {path} has {key}={old.get(key)} but this run has {now}; "
+                            "use the same flags or another --output-dir")
+    return ckpt
+
+
+def knn_monitor(model, train_set, test_set, args, device):
+    """Weighted kNN top-1 (k=20, T=0.07) on backbone features of (a fixed subset of) the eval split."""
+    gen = torch.Generator().manual_seed(0)
+    subset = lambda ds: torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist())  # noqa: E731
+    loaders = [torch.utils.data.DataLoader(subset(ds), batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
+    (fb, yb), (ft, yt) = [simlap.extract_features(model.backbone, dl, device, desc="knn features") for dl in loaders]
+    return (simlap.knn_classify(fb, yb, ft, k=20, T=0.07) == yt).float().mean().item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main0 = rank() == 0
+    torch.manual_seed(args.seed)
+
+    # ---- data (user errors surface here, before anything is written)
+    try:
+        train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download,
+                                         synthetic_per_class=args.synthetic_per_class)
+        test_set = simlap.build_dataset(args.dataset, args.data, "test", simlap.eval_transform(args.image_size),
+                                        download=args.download, synthetic_per_class=args.synthetic_per_class)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e))
+    num_classes = simlap.num_classes_of(train_raw)
+    per_gpu = args.batch_size // world_size()
+    steps_per_epoch = len(train_raw) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_raw)} images)")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps // 10)
+    lr = args.base_lr * args.batch_size / 256
+    class_dist = None
+    if args.pairs == "nearest":
+        if args.class_distances:
+            try:
+                class_dist = torch.load(args.class_distances, weights_only=True)
+            except Exception as e:
+                raise UserError(f"cannot read --class-distances {args.class_distances} ({type(e).__name__})")
+        elif args.dataset == "synthetic":
+            class_dist = train_raw.attribute_distance()
+        if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
+            raise UserError(f"--pairs nearest needs --class-distances FILE holding a ({num_classes}, {num_classes}) tensor")
+
+    # ---- output directory and resume
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    ckpt = load_checkpoint(resume, args, num_classes) if resume else None
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write-test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir {args.output_dir} ({e.strerror})")
+
+    # ---- model and optimizer
+    model = simlap.SimLAP(args.arch, num_classes, args.small_images, args.image_size, args.proj_hidden, args.proj_dim,
+                          args.pairs, not args.no_filter, args.temperature, args.gate_penalty, class_dist,
+                          args.nearest_n).to(device)
+    model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
+    if args.arch.startswith("resnet") and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "lars":
+        opt = simlap.LARS(params, lr, args.weight_decay, args.momentum)
+    else:  # no weight decay on biases and norm weights, as LARS
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
+                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                lr=lr, weight_decay=args.weight_decay)
+    step = 0
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        states = ckpt["rng"]["partners"]  # one per rank; exact resume needs the same world size
+        model.generator.set_state(states[rank() % len(states)])
+    raw_model = model
+    if world_size() > 1:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    train_set = simlap.TwoViews(train_raw, simlap.train_transform(args.image_size), args.seed)
+    sampler = simlap.EpochSampler(len(train_set), per_gpu, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=per_gpu, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                                         drop_last=True)
+    derived = dict(lr=lr, per_gpu_batch=per_gpu, world_size=world_size(), num_classes=num_classes,
+                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps)
+    if main0:
+        print(f"SimLAP {args.arch} on {args.dataset} ({len(train_raw)} images, {num_classes} classes), "
+              f"{world_size()} x {per_gpu} = batch {args.batch_size}, effective lr {lr:g}, {total_steps} steps, "
+              f"device {device}" + (f", resuming at step {step} from {resume}" if ckpt else ""), flush=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({**vars(args), **derived}, f, indent=1)
+    meta = {**vars(args), **derived}
+
+    def save(path):
+        partners = gather_states(raw_model.generator.get_state())  # a collective: every rank takes part
+        if main0:
+            save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
+                             epoch=step // steps_per_epoch, args=meta,
+                             rng=dict(torch=torch.get_rng_state(), partners=partners)), path)
+
+    def log(record):
+        if main0:
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- train
+    start_step, nonfinite_step = step, torch.tensor(-1, device=device)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(total=total_steps, initial=step, disable=not main0, dynamic_ncols=True)
+    tick, tick_step, stats = time.time(), step, {}
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
+        model.train()
+        for x1, x2, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, total_steps, warmup_steps, lr)
+            mf = torch.channels_last if args.arch.startswith("resnet") and device.type == "cuda" else torch.contiguous_format
+            x1, x2 = (x.to(device, non_blocking=True, memory_format=mf) for x in (x1, x2))
+            y = y.to(device, non_blocking=True)
+            want_stats = (step + 1) % args.log_every == 0
+            with torch.autocast(**amp):
+                loss, new_stats = model(x1, x2, y, stats=want_stats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_step)
+            step += 1
+            bar.update(1)
+            if want_stats:  # the only host sync in the loop, every --log-every steps
+                check_finite(nonfinite_step)
+                stats = new_stats
+                ips = (step - tick_step) * args.batch_size / (time.time() - tick)
+                tick, tick_step = time.time(), step
+                stats.update(lr=opt.param_groups[0]["lr"], img_per_s=ips)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
+                                gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
+                log(dict(step=step, epoch=epoch, **stats))
+            if (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
+                check_finite(nonfinite_step)
+                save(ckpt_path)
+            if step - start_step == args.stop_after:
+                bar.close()
+                if main0:
+                    print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
+                teardown()
+                return
+        check_finite(nonfinite_step)
+        record = dict(epoch=epoch + 1, step=step, **stats)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            if main0:
+                record["knn_top1"] = knn_monitor(raw_model, simlap.Transformed(train_raw, simlap.eval_transform(args.image_size)),
+                                                 test_set, args, device)
+                bar.write(f"epoch {epoch + 1}: kNN top-1 {100 * record['knn_top1']:.1f}%")
+            if world_size() > 1:
+                dist.barrier()
+        log(record)
+        save(ckpt_path)
+    bar.close()
+    if main0:
+        torch.save(raw_model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
+        print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into torchvision's "
+              f"{args.arch} with fc=Identity" + (", after the small-image stem)" if args.small_images else ")"))
+    teardown()
+
+
+def gather_states(state):
+    """Every rank's partner-sampler RNG state (the partners differ per rank), gathered to rank 0."""
+    if world_size() == 1:
+        return [state]
+    out = [None] * world_size()
+    dist.all_gather_object(out, state)
+    return out
+
+
+def check_finite(nonfinite_step):
+    bad = int(nonfinite_step)
+    if bad >= 0:
+        raise NonFiniteLoss(f"loss is not finite at step {bad}; stopped, the last checkpoint is untouched "
+                            "(try a lower --base-lr or a longer --warmup-epochs)")
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        teardown()
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        teardown()
+        sys.exit(1)
