@@ -1,13 +1,21 @@
 """Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
+import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import simlap
+import train
+
+ev = importlib.import_module("eval")  # `eval` would shadow the builtin
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -291,13 +299,6 @@ def test_two_views_are_a_pure_function_of_seed_epoch_index():
 
 
 # ----------------------------------------------------------------------------------------------- train.py
-import os
-import subprocess
-import sys
-
-import torchvision
-
-import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--synthetic-per-class", "8", "--batch-size", "32", "--image-size", "8", "--proj-hidden", "64",
@@ -445,3 +446,224 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
             train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
         assert "\n" not in str(e.value) and len(str(e.value)) > 20, name
     assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before  # nothing overwritten
+
+
+# ----------------------------------------------------------------------------------------------- eval.py
+TRAIN_ARGS = {"arch": "resnet18", "dataset": "synthetic", "data": None, "image_size": 16, "num_classes": 16,
+              "proj_dim": 32, "proj_hidden": 64, "small_images": True}
+EVAL_TINY = ["--synthetic-per-class", "2", "--image-size", "16", "--batch-size", "64", "--workers", "0",
+        "--probe-iters", "20", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny untrained checkpoint.pt and backbone.pt in train.py's format."""
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    a = TRAIN_ARGS
+    model = simlap.SimLAP(a["arch"], a["num_classes"], a["small_images"], a["image_size"], a["proj_hidden"],
+                          a["proj_dim"])
+    torch.save({"model": model.state_dict(), "args": dict(a), "optimizer": {}, "epoch": 0, "step": 0,
+                "rng": torch.get_rng_state()}, d / "checkpoint.pt")
+    torch.save(model.backbone.state_dict(), d / "backbone.pt")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- kNN
+def brute_force_knn(train_f, train_y, test_f, k, T, C):
+    """One test sample at a time: sort the bank by (-similarity, index), take k, vote exp(sim / T) per class,
+    first class with the highest score wins."""
+    bank, queries = F.normalize(train_f.double(), dim=1), F.normalize(test_f.double(), dim=1)
+    preds = []
+    for q in queries:
+        sims = [float(q @ b) for b in bank]
+        nearest = sorted(range(len(bank)), key=lambda j: (-sims[j], j))[:k]
+        scores = [0.0] * C
+        for j in nearest:
+            scores[int(train_y[j])] += math.exp(sims[j] / T)
+        preds.append(scores.index(max(scores)))
+    return torch.tensor(preds)
+
+
+def test_eval_knn_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(120, 16, generator=g), torch.randn(40, 16, generator=g)
+    train_y = torch.randint(5, (120,), generator=g)
+    for k, T in ((1, 0.07), (10, 0.07), (20, 0.07), (20, 0.5)):
+        got = simlap.knn_classify(train_f, train_y, test_f, k, T, num_classes=5, chunk=16)
+        assert torch.equal(got, brute_force_knn(train_f, train_y, test_f, k, T, 5)), (k, T)
+
+
+def test_eval_knn_ties_match_brute_force():
+    # {-1, 1}^16 vectors normalise to +-1/4 exactly, so every similarity is a multiple of 1/8 computed without
+    # rounding: many exact ties at the k-th neighbour, plus duplicated bank rows with other labels. With k <= 5
+    # two tied classes hold at most 2 votes each, so their scores are equal bit for bit in any summation order.
+    g = torch.Generator().manual_seed(1)
+    sign = lambda n: torch.randint(2, (n, 16), generator=g).double() * 2 - 1  # noqa: E731
+    base = sign(30)
+    train_f = torch.cat([base, base[:10], base[:5]])  # rows 30.. duplicate rows 0..9
+    train_y = torch.randint(3, (len(train_f),), generator=g)
+    test_f = torch.cat([sign(30), base[:5]])
+    for k in (1, 2, 3, 4, 5):
+        got = simlap.knn_classify(train_f, train_y, test_f, k, 0.07, num_classes=3, chunk=7)
+        assert torch.equal(got, brute_force_knn(train_f, train_y, test_f, k, 0.07, 3)), k
+    # Hand-built symmetric tie: the query is equally close to rows 0 (class 1) and 1 (class 0).
+    bank, labels, query = torch.eye(3), torch.tensor([1, 0, 2]), torch.tensor([[1.0, 1.0, 0.0]])
+    assert simlap.knn_classify(bank, labels, query, k=1).item() == 1  # equal similarity: lower bank index
+    assert simlap.knn_classify(bank, labels, query, k=2).item() == 0  # equal class scores: lower class index
+    assert brute_force_knn(bank, labels, query, 2, 0.07, 3).item() == 0
+
+
+# ----------------------------------------------------------------------------------------------- probe
+def test_eval_linear_probe_separable_and_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centers = 5 * torch.randn(5, 16, generator=g)
+
+    def blobs(n):
+        y = torch.randint(5, (n,), generator=g)
+        return centers[y] + torch.randn(n, 16, generator=g), y
+
+    (xtr, ytr), (xte, yte) = blobs(300), blobs(300)
+    assert ev.linear_probe(xtr, ytr, xte, yte, iters=100)["test_top1"] >= 99
+    # random labels: nothing generalises, held-out accuracy stays near chance (10 %) while train fits
+    xtr, xte = torch.randn(500, 64, generator=g), torch.randn(500, 64, generator=g)
+    ytr, yte = torch.randint(10, (500,), generator=g), torch.randint(10, (500,), generator=g)
+    res = ev.linear_probe(xtr, ytr, xte, yte, iters=100)
+    assert res["test_top1"] < 20 and res["train_top1"] > 30
+
+
+# ----------------------------------------------------------------------------------------------- collapse
+def test_eval_spectrum_and_effective_rank():
+    g = torch.Generator().manual_seed(0)
+    N, D, r = 200, 32, 5
+    x = torch.randn(N, r, generator=g, dtype=torch.float64) @ torch.randn(r, D, generator=g, dtype=torch.float64)
+    s = ev.singular_values(x)
+    assert s.shape == (D,) and torch.all(s[:-1] >= s[1:])
+    assert int((s > 1e-9 * s[0]).sum()) == r
+    # flat spectrum: r orthonormal centred directions of equal energy -> effective rank exactly r
+    u = torch.randn(N, r, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(u - u.mean(0)).Q  # centred columns stay centred
+    v = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64)).Q
+    s = ev.singular_values(3 * u @ v.T)
+    assert torch.allclose(s[:r], torch.full((r,), 3.0, dtype=torch.float64))
+    assert abs(ev.effective_rank(s) - r) < 1e-6
+    assert ev.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert 1 < ev.effective_rank(torch.tensor([8.0, 4, 2, 1, 0.5])) < 4  # decaying: well below 5
+
+
+# ----------------------------------------------------------------------------------------------- similarity
+def test_eval_similarity_overlap():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(25)
+    # classes along orthogonal axes with little noise: intra ~ 1, inter ~ 0, no overlap
+    feats = 10 * torch.eye(8)[labels] + 0.1 * torch.randn(100, 8, generator=g)
+    res = ev.similarity_overlap(feats, labels, chunk=7)
+    assert res["overlap"] == 0 and res["intra_mean"] > 0.9 and abs(res["inter_mean"]) < 0.1
+    assert res["intra_pairs"] == 4 * 25 * 24 // 2 and res["inter_pairs"] == 100 * 99 // 2 - res["intra_pairs"]
+    # labels unrelated to the features: both distributions alike, large overlap; chunking changes nothing
+    feats = torch.randn(100, 8, generator=g)
+    a, b = ev.similarity_overlap(feats, labels, chunk=7), ev.similarity_overlap(feats, labels, chunk=1000)
+    assert a["overlap"] > 0.7
+    assert a["intra_hist"] == b["intra_hist"] and a["inter_hist"] == b["inter_hist"]
+    brute = [(F.cosine_similarity(feats[i], feats[j], dim=0).item(), bool(labels[i] == labels[j]))
+             for i in range(100) for j in range(i + 1, 100)]
+    assert a["intra_mean"] == pytest.approx(sum(s for s, same in brute if same) / a["intra_pairs"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- gates
+def test_eval_gate_analysis(tmp_path):
+    gates = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.05],    # open {0, 1}
+                          [0.7, 0.3, 0.6, 0.4, 0.05],    # open {0, 2}
+                          [0.2, 0.1, 0.3, 0.4, 0.05],    # none open
+                          [0.6, 0.9, 0.95, 0.2, 0.05]])  # open {0, 1, 2}
+    embed = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
+    attributes = torch.tensor([[0, 0], [0, 1], [1, 1], [2, 2]])  # sharing: (0, 1) shape, (1, 2) colour
+    png = str(tmp_path / "gates.png")
+    res = ev.gate_analysis(gates, embed, attributes, png)
+    assert res["open_dims"] == [2, 2, 0, 3]
+    c = math.sqrt(2 / 3)  # cos({0,1}, {0,1,2}) = 2 / (sqrt 2 sqrt 3)
+    expected = torch.tensor([[1, 0.5, 0, c], [0.5, 1, 0, c], [0, 0, 0, 0], [c, c, 0, 1]])
+    assert torch.allclose(torch.tensor(res["gate_overlap"]), expected, atol=1e-6)
+    assert res["overlap_shared_attribute"] == pytest.approx((0.5 + 0) / 2)
+    assert res["overlap_no_shared_attribute"] == pytest.approx((0 + c + c + 0) / 4)
+    h = -(gates * gates.log() + (1 - gates) * (1 - gates).log()).mean(1)
+    assert torch.allclose(torch.tensor(res["entropy"]), h, atol=1e-5)
+    r = 1 / math.sqrt(2)
+    assert torch.allclose(torch.tensor(res["label_similarity"])[1], torch.tensor([r, 1, r, -r]), atol=1e-6)
+    img = torchvision.io.decode_image(png)
+    assert img.shape[-2:] == (4, 5)  # K x D
+    assert (img[0].float() - gates * 255).abs().max() <= 1
+    # class gates of a real filter: (K, D) in (0, 1), the filter's mode restored
+    filt = simlap.FeatureFilter(6, out_dim=8).train()
+    g = ev.class_gates(filt)
+    assert g.shape == (6, 8) and filt.training and ((g > 0) & (g < 1)).all()
+    assert ev.gate_analysis(g)["gate_overlap"] and len(ev.gate_analysis(g)["entropy"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------- loading, CLI
+def test_eval_backbone_geometry_is_inferred(tmp_path, weights):
+    bb, model, info = ev.load_weights(backbone=str(weights / "backbone.pt"), arch="resnet18")
+    assert model is None and info["small_images"] is True
+    vit, _ = simlap.build_backbone("vit_tiny", small_images=True, image_size=16)
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    _, _, info = ev.load_weights(backbone=str(tmp_path / "vit.pt"), arch="vit_tiny")
+    assert info["small_images"] is True and info["image_size"] == 16
+
+
+def test_eval_end_to_end(tmp_path, weights):
+    cache = str(tmp_path / "feats.pt")
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY,
+           "--k", "5", "--output-dir", str(tmp_path), "--cache-features", cache]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.load(open(tmp_path / "eval.json"))
+    assert {"checkpoint", "dataset", "knn", "linear_probe", "collapse", "similarity", "gates"} <= res.keys()
+    assert res["dataset"] == "synthetic"
+    assert (res["num_train"], res["num_test"]) == (32, 160)  # the test split has max(10, 2 // 4) per class
+    assert set(res["knn"]) == {"k=5 T=0.07", "k=10 T=0.07"} and all(0 <= a <= 100 for a in res["knn"].values())
+    assert set(res["collapse"]) == {"backbone", "projector"}
+    assert len(res["collapse"]["projector"]["singular_values"]) == 32  # min(N, D)
+    assert len(res["gates"]["open_dims"]) == 16 and "overlap_shared_attribute" in res["gates"]
+    assert torchvision.io.decode_image(res["gates"]["png"]).shape[-2:] == (16, 32)
+    # a second run reads the cached features and gives the same numbers
+    again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--k", "5", "--output-dir",
+                     str(tmp_path / "again"), "--cache-features", cache])
+    assert again["knn"] == res["knn"] and again["linear_probe"] == res["linear_probe"]
+    with pytest.raises(ev.UserError, match="cache-features"):  # features of another image size: refused
+        ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--image-size", "32", "--cache-features",
+                 cache])
+
+
+def bad_inputs(tmp_path, weights):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"foo": 1}, tmp_path / "other.pt")
+    for cls in ("a", "b"):  # an ImageFolder with train/ but no val/
+        os.makedirs(tmp_path / "folder" / "train" / cls)
+        png = str(tmp_path / "folder" / "train" / cls / "0.png")
+        torchvision.io.write_png(torch.zeros(3, 4, 4, dtype=torch.uint8), png)
+    os.makedirs(tmp_path / "empty")
+    ckpt, backbone = str(weights / "checkpoint.pt"), str(weights / "backbone.pt")
+    return {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt")],
+            "corrupt checkpoint": ["--checkpoint", str(tmp_path / "garbage.pt")],
+            "not a checkpoint": ["--checkpoint", str(tmp_path / "other.pt")],
+            "arch mismatch (checkpoint)": ["--checkpoint", ckpt, "--arch", "resnet50"],
+            "arch mismatch (backbone)": ["--backbone", backbone, "--arch", "resnet50"],
+            "missing split": ["--checkpoint", ckpt, "--dataset", "imagefolder", "--data", str(tmp_path / "folder")],
+            "missing data": ["--checkpoint", ckpt, "--dataset", "cifar10", "--data", str(tmp_path / "empty")],
+            "no data root": ["--checkpoint", ckpt, "--dataset", "cifar10"],
+            "k above bank": ["--checkpoint", ckpt, "--synthetic-per-class", "1", "--k", "20"]}
+
+
+def test_eval_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys):
+    cases = bad_inputs(tmp_path, weights)
+    # One through a real process (started first, it imports torch while the rest run): no traceback on stderr.
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "eval.py"), *cases["corrupt checkpoint"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, argv in cases.items():  # all of them through cli(), which is what __main__ runs
+        with pytest.raises(SystemExit) as exit:
+            ev.cli([*argv, "--device", "cpu", "--workers", "0", "--output-dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2, name
+        assert err.startswith("eval.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("eval.py: error: ") and err.count("\n") == 1, err

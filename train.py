@@ -40,7 +40,7 @@ def parse_args(argv=None):
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
     a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
-    a("--synthetic-per-class", type=int, default=150, help="synthetic training images per class (default: 150)")
+    a("--synthetic-per-class", type=int, default=100, help="synthetic training images per class (default: 100)")
     a("--arch", default="resnet18", help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18)")
     a("--image-size", type=int, default=None, help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
     a("--epochs", type=int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")

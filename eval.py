@@ -1,0 +1,342 @@
+"""Evaluate a SimLAP encoder on frozen features: weighted kNN and a linear probe, plus the paper's analyses of
+the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the similarity distributions (Fig. 4).
+
+    python eval.py --checkpoint runs/x/checkpoint.pt                      # on the checkpoint's own data set
+    python eval.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data ~/data --download
+    python eval.py --backbone runs/x/backbone.pt --arch resnet50 --dataset stl10 --data ~/data --image-size 96
+    python eval.py --checkpoint runs/x/checkpoint.pt --synthetic-per-class 20 --image-size 16 --device cpu  # smoke
+
+The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
+from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
+every evaluation (--cache-features also keeps them on disk). Every number goes to OUTPUT_DIR/eval.json (default:
+the folder of the weights), the K x D class-gate matrix to gates.png. A bad input (missing or corrupt weights,
+wrong arch, missing data or split, k larger than the bank) prints one line on stderr and exits with status 2.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import simlap
+
+
+class UserError(Exception):
+    """A bad input: reported as one line on stderr with exit status 2, without a traceback."""
+
+
+def one_line(e, limit=None):
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+
+
+# ----------------------------------------------------------------------------------------------- evaluations
+def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=300, weight_decay=1e-4, device="cpu"):
+    """Multinomial logistic regression on frozen features (N, F) -> {"train_top1", "test_top1"} in %.
+    Full-batch L-BFGS with an L2 penalty, SimCLR's transfer protocol (Chen et al. 2020): the problem is convex and
+    L-BFGS has no learning rate or schedule to tune, so the number measures the features, not an optimiser, and is
+    deterministic. Features are standardised with train statistics (a non-affine BatchNorm, in effect) so that one
+    weight decay suits every backbone (SimCLR tunes it on a validation split; here it is a flag). The test accuracy
+    is the final iterate's: the test split selects nothing. Full batch: fine up to ~1M x 2048 features on a GPU."""
+    mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    x, x_test = ((train_f - mean) / std).to(device), ((test_f - mean) / std).to(device)
+    y, y_test = train_y.to(device), test_y.to(device)
+    C = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    linear = nn.Linear(x.shape[1], C).to(device)
+    nn.init.zeros_(linear.weight)  # convex: a fixed start makes the result deterministic
+    nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=iters, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(x), y) + weight_decay / 2 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)  # runs up to `iters` iterations, or stops earlier once converged
+    with torch.no_grad():
+        top1 = lambda a, b: 100 * (linear(a).argmax(1) == b).float().mean().item()  # noqa: E731
+        return {"train_top1": top1(x, y), "test_top1": top1(x_test, y_test)}
+
+
+def singular_values(feats):
+    """Singular values, descending, of the embeddings (N, F) after centring -> (min(N, F),) float64. Centring
+    keeps the mean direction from adding one large value unrelated to collapse. (Jing et al. 2022 plot the
+    eigenvalues of the covariance, i.e. these values squared / N, on a log scale.)"""
+    x = feats.double()
+    return torch.linalg.svdvals(x - x.mean(0))
+
+
+def effective_rank(s):
+    """Roy & Vetterli (2007): exp of the Shannon entropy of the singular values s normalised to sum 1 (L1,
+    p_k = s_k / sum s). r equal non-zero values give exactly r; one dominant direction gives ~1."""
+    p = s.double() / s.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+@torch.no_grad()
+def similarity_overlap(feats, labels, bins=100, max_samples=10_000, chunk=1024, seed=0):
+    """Fig. 4: cosine similarity of all pairs i < j, as histograms on [-1, 1] of intra-class (same label) and
+    inter-class pairs, and their overlap = sum over bins of min(p_intra, p_inter) of the normalised histograms
+    (1 = indistinguishable, 0 = separated; smaller is better). Rows go in chunks, so memory is O(chunk x N);
+    beyond max_samples a fixed random subset of samples is used, with all of its pairs."""
+    if len(feats) > max_samples:
+        keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        feats, labels = feats[keep], labels[keep]
+    x, labels, idx = F.normalize(feats.float(), dim=1), labels.cpu(), torch.arange(len(feats))
+    hist = {"intra": torch.zeros(bins, dtype=torch.float64), "inter": torch.zeros(bins, dtype=torch.float64)}
+    total = {"intra": 0.0, "inter": 0.0}
+    for rows in idx.split(chunk):
+        sim = (x[rows] @ x.T).clamp(-1, 1).cpu()  # (b, N); histc drops values outside [-1, 1]
+        upper = rows[:, None] < idx[None, :]  # each pair once, no self-pairs
+        same = labels[rows, None] == labels[None, :]
+        for name, mask in (("intra", upper & same), ("inter", upper & ~same)):
+            hist[name] += torch.histc(sim[mask], bins, -1, 1).double()
+            total[name] += sim[mask].double().sum().item()
+    out = {"num_samples": len(x), "bins": bins}
+    for name, h in hist.items():
+        out.update({f"{name}_pairs": int(h.sum()), f"{name}_mean": total[name] / max(h.sum().item(), 1),
+                    f"{name}_hist": h.tolist()})
+    p_intra, p_inter = (h / h.sum().clamp_min(1) for h in hist.values())
+    return {"overlap": torch.minimum(p_intra, p_inter).sum().item(), **out}
+
+
+@torch.no_grad()
+def class_gates(filter):
+    """g(y) = filter(y) for every class y = 0..K-1 (eq. 4), with the filter in eval mode -> (K, D) float32 CPU."""
+    was_training = filter.training
+    filter.eval()
+    gates = filter(torch.arange(filter.num_classes, device=filter.embed.weight.device)).float().cpu()
+    filter.train(was_training)
+    return gates
+
+
+def gate_analysis(gates, label_embed=None, attributes=None, png=None):
+    """Class gates (K, D) -> per class the open dimensions (gate > 0.5) and the gate entropy (Fig. 9); the
+    class-by-class gate overlap = cosine of the gates sharpened to {0, 1} (Fig. 12; a class with no open gate
+    overlaps nothing, itself included); with label_embed (K, E) the cosine of the label embeddings f_l (Fig. 12).
+    attributes (K, A), the ground-truth attributes of SyntheticShapes: also the mean overlap of class pairs that
+    share an attribute against pairs that share none. png: the gate matrix as a K x D grayscale image."""
+    sharp = F.normalize((gates > 0.5).float(), dim=1)  # (K, D), unit rows (zero rows stay zero)
+    overlap = sharp @ sharp.T  # (K, K)
+    open_dims, entropy = (gates > 0.5).sum(1), torch.stack([simlap.gate_entropy(g) for g in gates])  # (K,), (K,)
+    out = {"mean_open_dims": open_dims.float().mean().item(), "mean_entropy": entropy.mean().item(),
+           "open_dims": open_dims.tolist(), "entropy": entropy.tolist(), "gate_overlap": overlap.tolist()}
+    if label_embed is not None:
+        e = F.normalize(label_embed.detach().float().cpu(), dim=1)
+        out["label_similarity"] = (e @ e.T).tolist()
+    if attributes is not None:
+        share = (attributes[:, None, :] == attributes[None, :, :]).any(-1)  # (K, K), the diagonal included
+        share_other = share & ~torch.eye(len(gates), dtype=torch.bool)
+        out["overlap_shared_attribute"] = overlap[share_other].mean().item()
+        out["overlap_no_shared_attribute"] = overlap[~share].mean().item()
+    if png:
+        torchvision.utils.save_image(gates[None], png)  # (1, K, D): one pixel per (class, dimension)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def read(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
+        raise UserError(f"{what} {path} cannot be loaded (corrupt or not a torch file): {one_line(e, 200)}") from None
+
+
+def load_strict(module, state, path):
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or other shapes: another arch or another model
+        raise UserError(f"{path} does not fit the model (wrong --arch?): {one_line(e, 300)}") from None
+
+
+def load_weights(checkpoint=None, backbone=None, arch=None):
+    """-> (backbone, SimLAP or None, info). info holds arch, small_images and image_size, and with a checkpoint
+    every train flag. A bare backbone.pt carries no flags, so its geometry is read off its weights: a 3x3 ResNet
+    conv1 is the small-image stem (7x7 otherwise); a ViT's patch is its conv_proj kernel (4 = small images) and
+    its image size follows from the number of position embeddings, (size / patch)^2 + 1."""
+    if checkpoint:
+        ckpt = read(checkpoint, "--checkpoint")
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)):
+            raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')")
+        a = ckpt["args"]
+        missing = {"arch", "num_classes", "small_images", "image_size", "proj_hidden", "proj_dim"} - a.keys()
+        if missing:
+            raise UserError(f"--checkpoint {checkpoint}: its args lack {', '.join(sorted(missing))}")
+        if arch and arch != a["arch"]:
+            raise UserError(f"--arch {arch} does not match the checkpoint, which is a {a['arch']}")
+        model = simlap.SimLAP(arch=a["arch"], num_classes=a["num_classes"], small_images=a["small_images"],
+                              image_size=a["image_size"], proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"])
+        load_strict(model, ckpt["model"], checkpoint)
+        return model.backbone, model, dict(a)
+    if not arch:
+        raise UserError("--backbone needs --arch")
+    state = read(backbone, "--backbone")
+    try:
+        if arch.startswith("resnet"):
+            small, size = state["conv1.weight"].shape[-1] == 3, None
+        else:
+            patch, seq = state["conv_proj.weight"].shape[-1], state["encoder.pos_embedding"].shape[1]
+            small, size = patch == 4, patch * math.isqrt(seq - 1)
+    except (KeyError, TypeError, IndexError) as e:  # not a state_dict, or one without this arch's stem
+        raise UserError(f"--backbone {backbone} does not look like a {arch} state_dict "
+                        f"({type(e).__name__}: {one_line(e)}); wrong --arch?") from None
+    net, _ = simlap.build_backbone(arch, small, size)
+    load_strict(net, state, backbone)
+    return net, None, {"arch": arch, "small_images": small, "image_size": size}
+
+
+def load_split(name, root, split, size, per_class=None, download=False):
+    if not root and name != "synthetic":
+        raise UserError(f"--dataset {name} needs --data ROOT (the checkpoint names none)")
+    try:
+        return simlap.build_dataset(name, root, split, simlap.eval_transform(size), download, per_class)
+    except (FileNotFoundError, ValueError) as e:  # build_dataset's messages name the path and the fix
+        raise UserError(str(e)) from None
+
+
+def all_features(backbone, splits, args, device, source):
+    """{split: (feats (N, F) float32 CPU, labels (N,))}, from --cache-features when it was made from `source`."""
+    if args.cache_features and os.path.exists(args.cache_features):
+        cache = read(args.cache_features, "--cache-features")
+        if not isinstance(cache, dict) or cache.get("source") != source:
+            raise UserError(f"--cache-features {args.cache_features} holds features of other weights, data or "
+                            "image size; delete it or pick another file")
+        return cache["feats"]
+    feats = {}
+    for split, ds in splits.items():
+        loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda")
+        feats[split] = simlap.extract_features(backbone, loader, device, desc=f"features ({split})")
+    if args.cache_features:
+        torch.save({"source": source, "feats": feats}, args.cache_features + ".tmp")
+        os.replace(args.cache_features + ".tmp", args.cache_features)
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="checkpoint.pt from train.py (model and train args)")
+    weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict); needs --arch")
+    p.add_argument("--arch", choices=simlap.ARCHS, help="backbone arch; with --checkpoint only checked against it")
+    p.add_argument("--dataset", choices=simlap.DATASETS,
+                   help="evaluation data set (default: the checkpoint's, else synthetic)")
+    p.add_argument("--data", help="data set root (default: the checkpoint's)")
+    p.add_argument("--download", action="store_true", help="download the data set if missing (default: off)")
+    p.add_argument("--synthetic-per-class", type=int, help="synthetic train images per class, the test split "
+                   "gets a quarter, at least 10 (default: the checkpoint's, else 500 train and 100 test)")
+    p.add_argument("--image-size", type=int,
+                   help="eval image size (default: the checkpoint's; for a bare backbone 32 with the small-image "
+                        "stem, else 224; a ViT's own size)")
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch (default: 256)")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers (default: 4)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours; k=10 is always reported too (default: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default: 0.07)")
+    p.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations of the probe (default: 300)")
+    p.add_argument("--probe-wd", type=float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
+    p.add_argument("--output-dir", help="where eval.json and gates.png go (default: the folder of the weights)")
+    p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
+                                                            "(default: kept in memory only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    backbone, model, info = load_weights(args.checkpoint, args.backbone, args.arch)
+    weights = args.checkpoint or args.backbone
+    dataset, data = args.dataset or info.get("dataset") or "synthetic", args.data or info.get("data")
+    size = args.image_size or info.get("image_size") or (32 if info["small_images"] else 224)
+    if getattr(backbone, "image_size", size) != size:  # a ViT takes only the size its position embedding fits
+        raise UserError(f"--image-size {size}: this ViT was built for {backbone.image_size} px images")
+    per_class = args.synthetic_per_class or info.get("synthetic_per_class")
+    splits = {s: load_split(dataset, data, s, size, per_class, args.download) for s in ("train", "test")}
+    ks = list(dict.fromkeys((args.k, 10)))  # the paper's Table 3 reports k=10
+    if max(ks) > len(splits["train"]):
+        raise UserError(f"k={max(ks)} is larger than the kNN bank ({len(splits['train'])} train samples)")
+    backbone.to(device)
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
+    source = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
+              "data": data, "image_size": size, "synthetic_per_class": per_class}
+    feats = all_features(backbone, splits, args, device, source)
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    out_dir = args.output_dir or os.path.dirname(os.path.abspath(weights))
+    os.makedirs(out_dir, exist_ok=True)
+    res = {"checkpoint": args.checkpoint, "backbone": args.backbone, "arch": info["arch"],
+           "trained_on": info.get("dataset"), "dataset": dataset, "data": data, "image_size": size,
+           "num_train": len(train_y), "num_test": len(test_y), "feature_dim": train_f.shape[1]}
+
+    res["knn"], bank, bank_y, queries = {}, train_f.to(device), train_y.to(device), test_f.to(device)
+    for k in ks:
+        pred = simlap.knn_classify(bank, bank_y, queries, k, args.temperature).cpu()
+        res["knn"][f"k={k} T={args.temperature:g}"] = 100 * (pred == test_y).float().mean().item()
+    res["linear_probe"] = {**linear_probe(train_f, train_y, test_f, test_y, iters=args.probe_iters,
+                                          weight_decay=args.probe_wd, device=device),
+                           "iters": args.probe_iters, "weight_decay": args.probe_wd}
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
+    if changed:  # a bug, not a bad input: let it raise with a traceback
+        raise RuntimeError(f"the backbone changed during evaluation ({', '.join(changed[:3])}, ...)")
+
+    embeddings = {"backbone": test_f}  # on the eval split
+    if model is not None:
+        projector = model.projector.to(device).eval()
+        with torch.no_grad():
+            embeddings["projector"] = torch.cat([projector(b.to(device)).float().cpu() for b in test_f.split(1024)])
+    res["collapse"] = {}
+    for name, e in embeddings.items():
+        s = singular_values(e)
+        res["collapse"][name] = {"effective_rank": effective_rank(s), "dim": e.shape[1], "singular_values": s.tolist()}
+    res["similarity"] = similarity_overlap(test_f, test_y)
+
+    if model is not None and not info.get("no_filter"):  # the baselines (--no-filter) train no filter
+        # Ground truth: the attributes of the classes the filter was trained on. So it needs a synthetic training
+        # set; the eval set plays no part in the gates.
+        attributes = None
+        if info.get("dataset") == "synthetic":
+            attributes = simlap.SyntheticShapes("train", per_class=1).attributes
+            attributes = attributes if len(attributes) == model.num_classes else None
+        png = os.path.join(out_dir, "gates.png")
+        res["gates"] = {**gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png),
+                        "png": png}
+
+    path = os.path.join(out_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f)
+    os.replace(path + ".tmp", path)
+    print_table(res)
+    print(f"wrote {path}")
+    return res
+
+
+def print_table(res, prefix=""):
+    """Every scalar of eval.json, one a line; the lists (spectra, histograms, K x K matrices) stay in the file."""
+    for key, value in res.items():
+        if isinstance(value, dict):
+            print_table(value, f"{prefix}{key}/")
+        elif not isinstance(value, list):
+            print(f"  {prefix + key:<44}{f'{value:.4f}' if isinstance(value, float) else value}")
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
