@@ -1,0 +1,185 @@
+"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR and SupCon.
+
+    python benchmarks/bench_step.py                          # CPU: resnet18, 16 px, batch 32
+    python benchmarks/bench_step.py --device cuda            # GPU: resnet50, 224 px, batch 256, bf16, channels_last
+    python benchmarks/bench_step.py --device cuda --compile  # the same under torch.compile
+    python benchmarks/bench_step.py --threads 1              # a busy shared CPU: 2 threads can be slower than 1
+    python benchmarks/bench_step.py --smoke                  # tiny and quick, for CI
+
+The three modes are the same simlap.SimLAP model (same arch, image size, batch and initial weights), so the
+difference is only the pairing and the feature filter:
+    SimLAP  pairs='arbitrary', use_filter=True      SimCLR  pairs='instance', use_filter=False
+    SupCon  pairs='identical', use_filter=False
+Inputs are random tensors already on the device (two views per image) with random labels from --classes classes:
+no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, SimLAP, ...), each round timing --steps
+steps per mode, so that drift of a shared machine hits all modes alike. Reported: median images/s over rounds
+(an image is two views), and SimLAP's step time over SimCLR's as the median of the per-round ratios. On CUDA the
+peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all three models resident.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import simlap  # noqa: E402
+
+MODES = {"SimLAP": dict(pairs="arbitrary", use_filter=True), "SimCLR": dict(pairs="instance", use_filter=False),
+         "SupCon": dict(pairs="identical", use_filter=False)}
+
+
+def machine_info(device):
+    """Where the numbers come from; stored with them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    threads, load = torch.get_num_threads(), os.getloadavg()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "loadavg": load, "cuda_device": gpu,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "summary": gpu or f"{cpu} ({os.cpu_count()} cores, {threads} threads, load {load[0]:.1f})"}
+
+
+def parse_args():
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="default: cuda if available, else cpu")
+    p.add_argument("--arch", default=None, choices=simlap.ARCHS, help="default: resnet50 on cuda, resnet18 on cpu")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 on cuda, 16 on cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step, 2 views each (default: 256 on cuda, 32 on cpu)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="random labels from this many classes (default: 100 on cuda, 16 on cpu)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
+    p.add_argument("--proj-dim", type=int, default=256, help="projector output dim D (default: 256)")
+    p.add_argument("--amp", default=None, choices=("none", "bf16"),
+                   help="autocast dtype (default: bf16 on cuda, none on cpu)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for cuda, off for cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (default: off)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="round-robin rounds, the median is reported (default: 10 on cuda, 7 on cpu)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per mode per round (default: 10 on cuda, 1 on cpu)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps per mode first (default: 5 on cuda, 1 on cpu)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"torch CPU threads (default: {torch.get_num_threads()}, torch's default here)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/bench_step.json, bench_step_smoke.json with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny resnet18 at 8 px, batch 8, one round (for CI)")
+    args = p.parse_args()
+    gpu = torch.device(args.device).type == "cuda"
+    if args.smoke:
+        args.arch, args.image_size, args.batch_size, args.classes = "resnet18", 8, 8, 4
+        args.proj_hidden, args.proj_dim, args.rounds, args.steps, args.warmup = 64, 32, 1, 1, 1
+    defaults = dict(arch=("resnet50", "resnet18"), image_size=(224, 16), batch_size=(256, 32), classes=(100, 16),
+                    amp=("bf16", "none"), channels_last=(True, False), rounds=(10, 7), steps=(10, 1), warmup=(5, 1))
+    for name, (on_gpu, on_cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        "bench_step_smoke.json" if args.smoke else "bench_step.json")
+    return args
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    small = args.image_size <= 96  # CIFAR stem (ResNet) / patch 4 (ViT) for 32-96 px images, see build_backbone
+    info = machine_info(device)
+    print(json.dumps(info))
+    print(json.dumps(vars(args)))
+
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
+              .to(device, memory_format=fmt) for _ in range(2))
+    y = torch.randint(args.classes, (args.batch_size,), generator=gen).to(device)
+
+    step_fns = {}
+    for name, mode in MODES.items():
+        torch.manual_seed(0)  # same initial weights in every mode
+        model = simlap.SimLAP(args.arch, args.classes, small, args.image_size, args.proj_hidden, args.proj_dim,
+                              **mode).to(device, memory_format=fmt).train()
+        opt = simlap.LARS(model.parameters(), lr=0.01, weight_decay=1e-6)
+        forward = torch.compile(model) if args.compile else model
+
+        def step(forward=forward, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16"):
+                loss, _ = forward(x1, x2, y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        step_fns[name] = step
+
+    def timed(name, n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = step_fns[name]()
+        sync()
+        seconds = (time.perf_counter() - t0) / n
+        if not torch.isfinite(loss):  # fail loudly: a diverged run is not a valid timing
+            raise FloatingPointError(f"{name}: non-finite loss {loss.item()}")
+        return seconds
+
+    for name in MODES:
+        for _ in range(args.warmup):
+            step_fns[name]()
+    secs = {name: [] for name in MODES}  # seconds per step, one entry per round
+    peak = {}
+    for r in range(args.rounds):
+        for name in MODES:
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            secs[name].append(timed(name, args.steps))
+            if gpu:
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 30)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {1e3 * s[-1]:.0f} ms/step" for n, s in secs.items()))
+
+    results = {}
+    for name, s in secs.items():
+        ms = 1e3 * statistics.median(s)
+        results[name] = {"ms_per_step": ms, "images_per_s": args.batch_size / ms * 1e3,
+                         "images_per_s_range": [args.batch_size / max(s), args.batch_size / min(s)],
+                         "ratio_to_simclr": statistics.median(a / b for a, b in zip(s, secs["SimCLR"])),
+                         "seconds": s, "peak_gib": peak.get(name)}
+    table = markdown_table(results, gpu)
+    print(f"\n{info['summary']}, torch {info['torch']}, {args.arch} at {args.image_size} px, batch {args.batch_size} "
+          f"(2 views each), amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
+          f"median of {args.rounds} rounds x {args.steps} steps\n\n{table}\n\n"
+          f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+def markdown_table(results, gpu):
+    head = "| mode | images/s | ms/step | images/s range | step time / SimCLR |" + (" peak GiB |" if gpu else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        lo, hi = r["images_per_s_range"]
+        lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {lo:.1f}–{hi:.1f} "
+                     f"| {r['ratio_to_simclr']:.3f} |" + (f" {r['peak_gib']:.1f} |" if gpu else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
