@@ -10,7 +10,6 @@ samples of neither class are the negatives. The paper's baselines are the same c
 SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
 ('arbitrary', no filter). train.py and eval.py import everything they share from here.
 """
-import math
 import os
 
 import torch

@@ -20,10 +20,8 @@ leaves no transient above the steady RSS, so "before" is what a child that only 
 on CUDA max_memory_allocated() minus what the inputs hold.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
+from common import machine_info  # noqa: E402  (benchmarks/common.py)
 
 IMPLS = ("simlap", "naive", "infonce")
 NAIVE_BYTES_PER_ELEMENT = 12  # measured peak of naive_loss (fp32, CPU) per element of z_bar: three (B, B, D) tensors
@@ -118,21 +117,6 @@ def child(args, impl, B, D):
     if proc.returncode != 0:
         raise RuntimeError(f"case {impl} B={B} D={D} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_info(device):
-    """Where the numbers come from; stored with them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    threads, load = torch.get_num_threads(), os.getloadavg()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "loadavg": load, "cuda_device": gpu,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "summary": gpu or f"{cpu} ({os.cpu_count()} cores, {threads} threads, load {load[0]:.1f})"}
 
 
 def main():

@@ -17,10 +17,8 @@ steps per mode, so that drift of a shared machine hits all modes alike. Reported
 peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all three models resident.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,24 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
+from common import machine_info  # noqa: E402  (benchmarks/common.py)
 
 MODES = {"SimLAP": dict(pairs="arbitrary", use_filter=True), "SimCLR": dict(pairs="instance", use_filter=False),
          "SupCon": dict(pairs="identical", use_filter=False)}
-
-
-def machine_info(device):
-    """Where the numbers come from; stored with them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    threads, load = torch.get_num_threads(), os.getloadavg()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "loadavg": load, "cuda_device": gpu,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "summary": gpu or f"{cpu} ({os.cpu_count()} cores, {threads} threads, load {load[0]:.1f})"}
 
 
 def parse_args():
