@@ -195,11 +195,11 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
     return net, None, {"arch": arch, "small_images": small, "image_size": size}
 
 
-def load_split(name, root, split, size, per_class=None, download=False):
+def load_split(name, root, split, size, per_class=None, download=False, classes=None):
     if not root and name != "synthetic":
         raise UserError(f"--dataset {name} needs --data ROOT (the checkpoint names none)")
     try:
-        return simlap.build_dataset(name, root, split, simlap.eval_transform(size), download, per_class)
+        return simlap.build_dataset(name, root, split, simlap.eval_transform(size), download, per_class, classes)
     except (FileNotFoundError, ValueError) as e:  # build_dataset's messages name the path and the fix
         raise UserError(str(e)) from None
 
@@ -263,14 +263,17 @@ def main(argv=None):
     if getattr(backbone, "image_size", size) != size:  # a ViT takes only the size its position embedding fits
         raise UserError(f"--image-size {size}: this ViT was built for {backbone.image_size} px images")
     per_class = args.synthetic_per_class or info.get("synthetic_per_class")
-    splits = {s: load_split(dataset, data, s, size, per_class, args.download) for s in ("train", "test")}
+    # a checkpoint trained on some synthetic classes (--synthetic-classes) is evaluated on those by default
+    classes = info.get("synthetic_classes") if dataset == info.get("dataset") == "synthetic" else None
+    splits = {s: load_split(dataset, data, s, size, per_class, args.download, classes) for s in ("train", "test")}
     ks = list(dict.fromkeys((args.k, 10)))  # the paper's Table 3 reports k=10
     if max(ks) > len(splits["train"]):
         raise UserError(f"k={max(ks)} is larger than the kNN bank ({len(splits['train'])} train samples)")
     backbone.to(device)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
     source = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
-              "data": data, "image_size": size, "synthetic_per_class": per_class}
+              "data": data, "image_size": size, "synthetic_per_class": per_class,
+              "synthetic_classes": classes}
     feats = all_features(backbone, splits, args, device, source)
     (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(weights))
@@ -306,7 +309,7 @@ def main(argv=None):
         # set; the eval set plays no part in the gates.
         attributes = None
         if info.get("dataset") == "synthetic":
-            attributes = simlap.SyntheticShapes("train", per_class=1).attributes
+            attributes = simlap.SyntheticShapes("train", per_class=1, classes=info.get("synthetic_classes")).attributes
             attributes = attributes if len(attributes) == model.num_classes else None
         png = os.path.join(out_dir, "gates.png")
         res["gates"] = {**gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png),

@@ -401,15 +401,17 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.batch_size
 
 
-def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None):
+def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None,
+                  synthetic_classes=None):
     """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
     root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path.
-    synthetic_per_class: train images per class of the synthetic set (test gets a quarter, at least 10)."""
+    synthetic_per_class: train images per class of the synthetic set (test gets a quarter, at least 10);
+    synthetic_classes: keep only these class ids of it (None: all 16)."""
     train = split == "train"
     tv = torchvision.datasets
     if name == "synthetic":
         per_class = synthetic_per_class and (synthetic_per_class if train else max(10, synthetic_per_class // 4))
-        return SyntheticShapes(split, per_class=per_class, transform=transform)
+        return SyntheticShapes(split, per_class=per_class, classes=synthetic_classes, transform=transform)
     if name == "imagefolder":
         path = os.path.join(root or "", "train" if train else "val")
         if not os.path.isdir(path):

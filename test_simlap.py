@@ -440,12 +440,35 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
              "other arch": ["--output-dir", str(good), "--arch", "resnet50"],
              "other projector": ["--output-dir", str(good), "--proj-dim", "16"],
              "bad distances": ["--output-dir", str(good), "--pairs", "nearest", "--class-distances", str(afile)],
-             "unwritable output": ["--output-dir", str(afile / "sub")]}
+             "unwritable output": ["--output-dir", str(afile / "sub")],
+             "repeated class id": ["--synthetic-classes", "1,1,2"],
+             "class id out of range": ["--synthetic-classes", "3,16"],
+             "class ids off synthetic": ["--dataset", "cifar10", "--synthetic-classes", "1,2"],
+             "other classes": ["--output-dir", str(good), "--synthetic-classes", ",".join(map(str, range(1, 17)))]}
     for name, args in cases.items():
         with pytest.raises(train.UserError) as e:
             train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
         assert "\n" not in str(e.value) and len(str(e.value)) > 20, name
     assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before  # nothing overwritten
+
+
+def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
+    """--synthetic-classes (transfer to held-out combinations): train and eval.py must both use only those."""
+    out = tmp_path / "sub"
+    train.main([*TINY, "--workers", "0", "--output-dir", str(out), "--stop-after", "1", "--synthetic-classes", "5,2,9",
+                "--batch-size", "8"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["synthetic_classes"] == [5, 2, 9] and ckpt["args"]["num_classes"] == 3
+    assert ckpt["model"]["filter.embed.weight"].shape[0] == 3
+    res = ev.main(["--checkpoint", str(out / "checkpoint.pt"), *EVAL_TINY, "--synthetic-per-class", "4", "--k", "5"])
+    assert res["num_train"] == 3 * 4 and res["num_test"] == 3 * 10  # per class: 4 train, at least 10 test
+    # classes 5 = (1, 1), 2 = (0, 2), 9 = (2, 1): 5 and 9 share colour 1, 2 shares nothing with either
+    _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
+    sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
+    overlap = sharp @ sharp.T
+    assert res["gates"]["overlap_shared_attribute"] == pytest.approx(overlap[0, 2].item(), abs=1e-6)
+    assert res["gates"]["overlap_no_shared_attribute"] == pytest.approx(
+        (overlap[0, 1] + overlap[1, 2]).item() / 2, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- eval.py

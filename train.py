@@ -41,6 +41,8 @@ def parse_args(argv=None):
     a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
     a("--synthetic-per-class", type=int, default=100, help="synthetic training images per class (default: 100)")
+    a("--synthetic-classes", default=None, help="comma-separated ids of the synthetic classes to train on, "
+      "id = 4 x shape + colour (default: all 16); the others stay unseen, to measure transfer to them")
     a("--arch", default="resnet18", help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18)")
     a("--image-size", type=int, default=None, help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
     a("--epochs", type=int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")
@@ -79,6 +81,17 @@ def parse_args(argv=None):
     args.small_images = args.image_size <= 96
     args.output_dir = args.output_dir or os.path.join(
         "runs", f"{args.dataset}-{args.arch}-{args.pairs}" + ("-nofilter" if args.no_filter else ""))
+    if args.synthetic_classes is not None:
+        if args.dataset != "synthetic":
+            raise UserError("--synthetic-classes applies to --dataset synthetic only")
+        try:
+            ids = [int(i) for i in args.synthetic_classes.split(",")]
+        except ValueError:
+            ids = []
+        if len(ids) < 2 or len(set(ids)) < len(ids) or not all(0 <= i < 16 for i in ids):
+            raise UserError(f"--synthetic-classes {args.synthetic_classes!r}: give at least 2 distinct ids "
+                            "from 0 to 15, comma-separated, e.g. 1,2,3,4")
+        args.synthetic_classes = ids
     if args.arch not in simlap.ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
     if args.batch_size % world_size() or args.batch_size // world_size() < 2:
@@ -114,7 +127,8 @@ def load_checkpoint(path, args, num_classes):
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
     for key, now in (("arch", args.arch), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
-                     ("proj_hidden", args.proj_hidden), ("small_images", args.small_images)):
+                     ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
+                     ("synthetic_classes", args.synthetic_classes)):
         if old.get(key) != now:
             raise UserError(f"checkpoint {path} has {key}={old.get(key)} but this run has {now}; "
                             "use the same flags or another --output-dir")
@@ -144,10 +158,10 @@ def main(argv=None):
 
     # ---- data (user errors surface here, before anything is written)
     try:
-        train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download,
-                                         synthetic_per_class=args.synthetic_per_class)
+        synthetic = dict(synthetic_per_class=args.synthetic_per_class, synthetic_classes=args.synthetic_classes)
+        train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download, **synthetic)
         test_set = simlap.build_dataset(args.dataset, args.data, "test", simlap.eval_transform(args.image_size),
-                                        download=args.download, synthetic_per_class=args.synthetic_per_class)
+                                        download=args.download, **synthetic)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))
     num_classes = simlap.num_classes_of(train_raw)
