@@ -465,16 +465,20 @@ def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classe
     if k > len(train_feats):
         raise ValueError(f"k={k} is larger than the feature bank ({len(train_feats)} samples)")
     C = num_classes or int(train_labels.max()) + 1
-    bank = F.normalize(train_feats.double(), dim=1)
-    onehot = F.one_hot(train_labels.long(), C).double()  # (N, C)
+    bank, labels = F.normalize(train_feats.double(), dim=1), train_labels.long()
     preds = []
     for q in F.normalize(test_feats.double(), dim=1).split(chunk):
         sim = q @ bank.T  # (b, N)
         kth = sim.topk(k, dim=1).values[:, -1:]  # the k-th largest similarity
-        above = sim > kth
-        ties = sim == kth  # fill the remaining places with the lowest-index ties
-        need = k - above.sum(1, keepdim=True)
-        chosen = above | (ties & (ties.cumsum(1) <= need))
-        scores = (chosen * (sim / T).exp()) @ onehot  # (b, C)
+        above, ties = sim > kth, sim == kth
+        chosen = above | ties
+        need = k - above.sum(1, keepdim=True)  # places left for the ties
+        crowded = (ties.sum(1, keepdim=True) > need).squeeze(1)  # rare: more ties than places
+        if crowded.any():  # keep the lowest-index ties only (a cumsum over whole rows, so only where needed)
+            rows = crowded.nonzero().squeeze(1)
+            chosen[rows] = above[rows] | (ties[rows] & (ties[rows].cumsum(1) <= need[rows]))
+        nearest = chosen.nonzero()[:, 1].view(len(q), k)  # exactly k per row, in bank order
+        weights = (sim.gather(1, nearest) / T).exp()
+        scores = torch.zeros(len(q), C, dtype=sim.dtype, device=sim.device).scatter_add_(1, labels[nearest], weights)
         preds.append(scores.argmax(1))
     return torch.cat(preds)

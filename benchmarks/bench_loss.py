@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
-from common import machine_info  # noqa: E402  (benchmarks/common.py)
+from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
 
 IMPLS = ("simlap", "naive", "infonce")
 NAIVE_BYTES_PER_ELEMENT = 12  # measured peak of naive_loss (fp32, CPU) per element of z_bar: three (B, B, D) tensors
@@ -133,11 +133,7 @@ def main():
                    help="stop repeating a case once its timed runs took this long, keeping at least one (default: 15)")
     p.add_argument("--max-naive-gib", type=float, default=None,
                    help="skip the naive version above this estimated peak (default: 6 on cpu, half the GPU on cuda)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help=f"torch CPU threads (default: {torch.get_num_threads()}, torch's default here)")
-    p.add_argument("--out", default=None,
-                   help="JSON output (default: benchmarks/results/bench_loss.json, bench_loss_smoke.json with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="one tiny case (B=64, D=32), for CI")
+    add_output_flags(p, "bench_loss", "one tiny case (B=64, D=32), for CI")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: IMPL,B,D in a child process
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,8 +147,6 @@ def main():
         args.batch_sizes, args.dims, args.classes, args.repeats, args.warmup = [64], [32], 8, 1, 0
     if args.max_naive_gib is None:
         args.max_naive_gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 31 if gpu else 6.0
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        "bench_loss_smoke.json" if args.smoke else "bench_loss.json")
     info = machine_info(device)
     print(json.dumps(info))
 
@@ -177,10 +171,7 @@ def main():
     table = markdown_table(rows)
     print(f"\n{info['summary']}, torch {info['torch']}, fp32, forward + backward, median of up to {args.repeats} runs "
           f"(fewer where they took > {args.max_seconds:g} s)\n\n{table}")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=1)
-    print(f"\nwrote {out_path}")
+    write_json(args, "bench_loss", {"machine": info, "args": vars(args), "results": rows})
 
 
 def markdown_table(rows):

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
-from common import machine_info  # noqa: E402  (benchmarks/common.py)
+from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
 
 MODES = {"SimLAP": dict(pairs="arbitrary", use_filter=True), "SimCLR": dict(pairs="instance", use_filter=False),
          "SupCon": dict(pairs="identical", use_filter=False)}
@@ -56,11 +56,7 @@ def parse_args():
                    help="timed steps per mode per round (default: 10 on cuda, 1 on cpu)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps per mode first (default: 5 on cuda, 1 on cpu)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help=f"torch CPU threads (default: {torch.get_num_threads()}, torch's default here)")
-    p.add_argument("--out", default=None,
-                   help="JSON output (default: benchmarks/results/bench_step.json, bench_step_smoke.json with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny resnet18 at 8 px, batch 8, one round (for CI)")
+    add_output_flags(p, "bench_step", "tiny resnet18 at 8 px, batch 8, one round (for CI)")
     args = p.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     if args.smoke:
@@ -71,8 +67,6 @@ def parse_args():
     for name, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        "bench_step_smoke.json" if args.smoke else "bench_step.json")
     return args
 
 
@@ -149,10 +143,7 @@ def main():
           f"(2 views each), amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
           f"median of {args.rounds} rounds x {args.steps} steps\n\n{table}\n\n"
           f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
-    print(f"\nwrote {args.out}")
+    write_json(args, "bench_step", {"machine": info, "args": vars(args), "results": results})
 
 
 def markdown_table(results, gpu):

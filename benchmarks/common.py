@@ -1,5 +1,6 @@
-"""What both benchmarks record about the machine their numbers come from."""
+"""What every benchmark shares: the record of the machine its numbers come from, and its output flags."""
 import datetime
+import json
 import os
 import platform
 
@@ -19,3 +20,22 @@ def machine_info(device):
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "summary": gpu or f"{cpu} ({os.cpu_count()} cores, {threads} threads, load {load[0]:.1f})"}
+
+
+def add_output_flags(p, name, smoke_help, threads=True):
+    """--threads, --out and --smoke, the same in every benchmark; write_json() honours --out and --smoke."""
+    if threads:
+        p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                       help=f"torch CPU threads (default: {torch.get_num_threads()}, torch's default here)")
+    p.add_argument("--out", default=None,
+                   help=f"JSON output (default: benchmarks/results/{name}.json, {name}_smoke.json with --smoke)")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def write_json(args, name, record):
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{name}_smoke.json" if args.smoke else f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nwrote {path}")
