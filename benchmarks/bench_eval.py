@@ -9,7 +9,7 @@ re-encodes the images every epoch.
 kNN. Features: --bank x --queries Gaussian clusters in --dim dimensions (--classes centres, noise of the same
 scale, so that neighbours are informative but not trivially so). Timed:
     simlap    simlap.knn_classify (eval.py's kNN): test rows in chunks of 1024, one (chunk, N) float64 matmul each,
-              top-k, weighted vote as one matmul with one-hot labels
+              top-k, the weighted vote as one scatter_add over the k neighbours
     naive     the textbook loop: one query at a time, sort the whole bank, vote in Python over the k nearest
               (float64, the same tie rule: the lower bank index first). Run on the first --naive-queries queries
               and reported per query and extrapolated to all of them (said so in the table).

@@ -1,6 +1,6 @@
 """Does it learn, and does it transfer? SimLAP against SupCon and SimCLR on the synthetic shapes, on a CPU budget.
 
-    python benchmarks/learn_synthetic.py                          # 4 methods x 3 seeds + untrained, ~40 min on 2 cores
+    python benchmarks/learn_synthetic.py                          # 4 methods x 3 seeds + untrained, ~35 min on 2 cores
     python benchmarks/learn_synthetic.py --seeds 0 --methods SimLAP SupCon
     python benchmarks/learn_synthetic.py --smoke                  # tiny and quick, for CI
 
