@@ -134,7 +134,7 @@ def bench_probe(args, device):
     train_set = simlap.build_dataset("synthetic", None, "train", t, synthetic_per_class=args.per_class)
     test_set = simlap.build_dataset("synthetic", None, "test", t, synthetic_per_class=args.per_class)
     C, batch = len(train_set.classes), 256
-    loader = lambda ds, **kw: torch.utils.data.DataLoader(ds, batch_size=batch, **kw)  # noqa: E731
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=batch)  # noqa: E731
     order = lambda epoch: torch.randperm(len(train_set), generator=torch.Generator().manual_seed(epoch))  # noqa: E731
     acc = lambda linear, x, y: 100 * (linear(x).argmax(1).cpu() == y).float().mean().item()  # noqa: E731
     res = {}
