@@ -9,7 +9,7 @@ the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the simil
 The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
 from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
 every evaluation (--cache-features also keeps them on disk). Every number goes to OUTPUT_DIR/eval.json (default:
-the folder of the weights), the K x D class-gate matrix to gates.png. A bad input (missing or corrupt weights,
+the folder of the weights), the K x D class gates to gates.png and their K x K overlap to gates_overlap.png. A bad input (missing or corrupt weights,
 wrong arch, missing data or split, k larger than the bank) prints one line on stderr and exits with status 2.
 """
 import argparse
@@ -123,7 +123,7 @@ def gate_analysis(gates, label_embed=None, attributes=None, png=None):
     class-by-class gate overlap = cosine of the gates sharpened to {0, 1} (Fig. 12; a class with no open gate
     overlaps nothing, itself included); with label_embed (K, E) the cosine of the label embeddings f_l (Fig. 12).
     attributes (K, A), the ground-truth attributes of SyntheticShapes: also the mean overlap of class pairs that
-    share an attribute against pairs that share none. png: the gate matrix as a K x D grayscale image."""
+    share an attribute against pairs that share none. png: pictures of both (save_gate_pictures)."""
     sharp = F.normalize((gates > 0.5).float(), dim=1)  # (K, D), unit rows (zero rows stay zero)
     overlap = sharp @ sharp.T  # (K, K)
     open_dims, entropy = (gates > 0.5).sum(1), torch.stack([simlap.gate_entropy(g) for g in gates])  # (K,), (K,)
@@ -138,8 +138,26 @@ def gate_analysis(gates, label_embed=None, attributes=None, png=None):
         out["overlap_shared_attribute"] = overlap[share_other].mean().item()
         out["overlap_no_shared_attribute"] = overlap[~share].mean().item()
     if png:
-        torchvision.utils.save_image(gates[None], png)  # (1, K, D): one pixel per (class, dimension)
+        out["pictures"] = save_gate_pictures(gates, overlap, png)
     return out
+
+
+def save_gate_pictures(gates, overlap, png):
+    """png: the (K, D) gates, white = open, one row per class in class-index order (up to 8 px tall), the columns
+    (dimensions) sorted by the first class that opens them, then by how many classes do, so that a subspace shared
+    by several classes shows as a vertical band; png with '_overlap': the (K, K) gate overlap (cells up to 16 px).
+    -> the two paths, and the column order."""
+    K, D = gates.shape
+    is_open = gates > 0.5
+    first = torch.where(is_open.any(0), is_open.float().argmax(0), K)  # (D,), K = opened by none
+    order = is_open.sum(0).argsort(descending=True, stable=True)
+    order = order[first[order].argsort(stable=True)]
+    scale = lambda t, h, w: t.repeat_interleave(h, 0).repeat_interleave(w, 1)[None]  # noqa: E731  (1, H, W)
+    torchvision.utils.save_image(scale(gates[:, order], max(1, min(8, 1024 // K)), max(1, min(4, 1024 // D))), png)
+    cell = max(1, min(16, 1024 // K))
+    overlap_png = png.replace(".png", "_overlap.png")
+    torchvision.utils.save_image(scale(overlap.clamp(0, 1), cell, cell), overlap_png)
+    return {"gates": png, "overlap": overlap_png, "rows": "classes in index order", "gates_columns": order.tolist()}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -182,7 +200,9 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
         raise UserError("--backbone needs --arch")
     state = read(backbone, "--backbone")
     try:
-        if arch.startswith("resnet"):
+        if arch == "convnet":  # any image size; 32 px by default
+            small, size = state["0.weight"].shape[1] == 3, None
+        elif arch.startswith("resnet"):
             small, size = state["conv1.weight"].shape[-1] == 3, None
         else:
             patch, seq = state["conv_proj.weight"].shape[-1], state["encoder.pos_embedding"].shape[1]
@@ -245,7 +265,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default: 0.07)")
     p.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations of the probe (default: 300)")
     p.add_argument("--probe-wd", type=float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
-    p.add_argument("--output-dir", help="where eval.json and gates.png go (default: the folder of the weights)")
+    p.add_argument("--output-dir", help="where eval.json and the gate pictures go (default: the folder of the weights)")
     p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
                                                             "(default: kept in memory only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -312,8 +332,7 @@ def main(argv=None):
             attributes = simlap.SyntheticShapes("train", per_class=1, classes=info.get("synthetic_classes")).attributes
             attributes = attributes if len(attributes) == model.num_classes else None
         png = os.path.join(out_dir, "gates.png")
-        res["gates"] = {**gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png),
-                        "png": png}
+        res["gates"] = gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png)
 
     path = os.path.join(out_dir, "eval.json")
     with open(path + ".tmp", "w") as f:

@@ -10,6 +10,7 @@ samples of neither class are the negatives. The paper's baselines are the same c
 SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
 ('arbitrary', no filter). train.py and eval.py import everything they share from here.
 """
+import math
 import os
 
 import torch
@@ -20,8 +21,9 @@ import torchvision
 from torchvision.transforms import v2
 
 PAIR_MODES = ("arbitrary", "identical", "distinct", "nearest", "instance")
-ARCHS = ("resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
+FIXED_SIZE = ("synthetic", "cifar10", "cifar100", "stl10")  # every image the same size: cropped batched, on device
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -48,7 +50,10 @@ def gather(x, with_grad=False):
 # ----------------------------------------------------------------------------------------------- networks
 def build_backbone(arch, small_images=False, image_size=None):
     """Randomly initialised encoder f_E -> (module, feature_dim). Nothing is downloaded.
-    small_images (32-96 px): ResNets get the CIFAR stem (3x3 conv, stride 1, no max-pool); ViTs get patch 4."""
+    small_images (32-96 px): ResNets get the CIFAR stem (3x3 conv, stride 1, no max-pool); ViTs get patch 4.
+    convnet: a small CNN for CPU runs, tests and the demo (not in the paper)."""
+    if arch == "convnet":
+        return convnet()
     if arch in ("resnet18", "resnet50"):
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
         if small_images:
@@ -66,6 +71,17 @@ def build_backbone(arch, small_images=False, image_size=None):
         net.heads = nn.Identity()  # forward() then returns the class-token feature
         return net, width
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def convnet(widths=(32, 64, 128, 256)):
+    """Four conv-BN-ReLU stages, the first with stride 2, the others after a 2x2 max-pool, then global average
+    pooling: 0.39M parameters, ~4M multiply-adds for a 32 px image, any input size. -> (module, feature_dim)"""
+    layers, c_in = [], 3
+    for i, c in enumerate(widths):
+        layers += ([nn.MaxPool2d(2, ceil_mode=True)] if i else []) + [nn.Conv2d(c_in, c, 3, 1 if i else 2, 1, bias=False),
+                                                      nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
 
 
 class Projector(nn.Sequential):
@@ -329,15 +345,108 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GREY = (0.2989, 0.587, 0.114)  # luma weights, as torchvision's rgb_to_grayscale
 
 
-def train_transform(size):
-    """One random view: the paper's "three augmentations" (appendix D.2) after a random resized crop and flip.
-    Blur only at >= 64 px, where a 3x3+ kernel does not erase the image."""
-    blur = [v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)] if size >= 64 else []
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                       v2.RandomGrayscale(p=0.2), *blur, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def _hash32(x):
+    """Integer mixer (Wellons' lowbias32) on int64 tensors holding values in [0, 2^32). Every product stays below
+    2^63, so it is exact and gives the same bits on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def sample_keys(seed, epoch, index):
+    """Augmentation key of each sample, a pure function of (seed, epoch, index): a sample's views do not depend
+    on the worker, the rank or the batch it lands in, which makes resuming mid-epoch exact."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    seed_epoch = _hash32((_hash32(torch.tensor(seed & 0xFFFFFFFF)) + epoch + 0x9E3779B9) & 0xFFFFFFFF)
+    return _hash32((seed_epoch + index) & 0xFFFFFFFF)
+
+
+def uniforms(keys, n, offset=0):
+    """(B,) keys -> (B, n) float32 in [0, 1): stream offset + j of each key, on the keys' device."""
+    j = torch.arange(offset, offset + n, device=keys.device)
+    return (_hash32((keys[:, None] + j * 0x9E3779B9) & 0xFFFFFFFF) >> 8).float() / 2 ** 24
+
+
+def augment_params(keys, view, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Per-sample parameters of one view, drawn from the keys: the paper's augmentations (appendix D.2: random
+    resized crop and flip, colour jitter 0.4/0.4/0.4/0.1 at p = 0.8, grayscale at p = 0.2, blur at p = 0.5).
+    The crop is (w, h) as fractions of the image side and its centre (cx, cy) in [0, 1]. A crop too wide (tall)
+    for the image keeps its area and takes the full width (height), where torchvision redraws up to 10 times."""
+    u = uniforms(keys, 13, offset=16 * view)  # (B, 13), disjoint streams per view
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    r = torch.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * u[:, 1])
+    w, h = (area * r).sqrt(), (area / r).sqrt()
+    w, h = torch.where(w > 1, 1.0, torch.where(h > 1, area, w)), torch.where(h > 1, 1.0, torch.where(w > 1, area, h))
+    jitter = u[:, 5] < 0.8
+    factor = lambda v, lo, hi, off: torch.where(jitter, lo + (hi - lo) * v, off)  # noqa: E731
+    return dict(w=w, h=h, cx=w / 2 + (1 - w) * u[:, 2], cy=h / 2 + (1 - h) * u[:, 3], flip=u[:, 4] < 0.5,
+                brightness=factor(u[:, 6], 0.6, 1.4, 1.0), contrast=factor(u[:, 7], 0.6, 1.4, 1.0),
+                saturation=factor(u[:, 8], 0.6, 1.4, 1.0), hue=factor(u[:, 9], -0.1, 0.1, 0.0),
+                grey=u[:, 10] < 0.2, sigma=torch.where(u[:, 11] < 0.5, 0.1 + 1.9 * u[:, 12], 0.0))
+
+
+def augment(images, p, size, blur=False):
+    """Batched augmentation on the images' device: uint8 (B, 3, H, W) + parameters p of augment_params ->
+    normalised float32 (B, 3, size, size). Tensor ops on the whole batch, each sample with its own parameters,
+    in torchvision's order: crop + flip, brightness, contrast, saturation, hue, grayscale, blur, normalise."""
+    x, B = images.float() / 255, len(images)
+    theta = torch.zeros(B, 2, 3, device=x.device)  # crop + flip as one affine map of the sampling grid
+    theta[:, 0, 0], theta[:, 0, 2] = p["w"] * (1 - 2 * p["flip"].float()), 2 * p["cx"] - 1
+    theta[:, 1, 1], theta[:, 1, 2] = p["h"], 2 * p["cy"] - 1
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
+    grey = lambda t: torch.einsum("bchw,c->bhw", t, t.new_tensor(GREY))[:, None]  # noqa: E731  (B, 1, H, W)
+    x = (x * col(p["brightness"])).clamp(0, 1)  # the blends of torchvision's adjust_* functions
+    x = torch.lerp(grey(x).mean((2, 3), keepdim=True), x, col(p["contrast"])).clamp(0, 1)
+    x = torch.lerp(grey(x), x, col(p["saturation"])).clamp(0, 1)
+    x = torch.einsum("bij,bjhw->bihw", hue_rotation(p["hue"]), x).clamp(0, 1)
+    x = torch.where(col(p["grey"]), grey(x).expand_as(x), x)
+    if blur:
+        x = gaussian_blur(x, p["sigma"], 2 * (size // 20) + 1)
+    mean, std = x.new_tensor(MEAN).view(1, 3, 1, 1), x.new_tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def hue_rotation(hue):
+    """(B,) hue shifts in turns -> (B, 3, 3) rotations of RGB about the grey axis by 2 pi hue (Rodrigues). This
+    shifts hue like torchvision's HSV shift (a third of a turn maps red to green exactly) and keeps grey pixels;
+    it differs from it for mixed colours."""
+    k = torch.full((3,), 3 ** -0.5, device=hue.device)
+    cross = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=hue.device) * 3 ** -0.5  # k x v = cross @ v
+    t = (2 * math.pi * hue).view(-1, 1, 1)
+    return t.cos() * torch.eye(3, device=hue.device) + t.sin() * cross + (1 - t.cos()) * torch.outer(k, k)
+
+
+def gaussian_blur(x, sigma, ksize):
+    """Per-sample separable Gaussian blur of (B, C, H, W) with reflect padding; sigma 0 leaves a sample as is."""
+    B, C, H, W = x.shape
+    t = torch.arange(ksize, device=x.device) - ksize // 2
+    k = torch.exp(-t.square() / (2 * sigma.clamp_min(1e-6)[:, None] ** 2))  # (B, ksize)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, ksize)
+    x = F.pad(x.reshape(1, B * C, H, W), [ksize // 2] * 4, mode="reflect")
+    x = F.conv2d(x, k[:, None, :, None], groups=B * C)
+    return F.conv2d(x, k[:, None, None, :], groups=B * C).view(B, C, H, W)
+
+
+def two_views(images, keys, size):
+    """The two augmented views (x1, x2) of a batch. images: uint8 (B, 3, H, W), or (B, 2, 3, size, size) when
+    the loader already cropped each view (variable-size data sets); keys (B,) from sample_keys."""
+    pairs = images.unbind(1) if images.ndim == 5 else (images, images)
+    scale = (0.2, 1.0) if images.ndim == 4 else (1.0, 1.0)  # scale 1: the identity crop, flip only
+    return tuple(augment(im, augment_params(keys, v, scale), size, blur=size >= 64) for v, im in enumerate(pairs))
+
+
+def train_views(size, crop):
+    """Per-image part of the training pipeline: decode to a uint8 tensor, and for variable-size data sets the
+    random resized crop (antialiased, from the full image), one per view."""
+    return v2.Compose([v2.ToImage(), *([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True)] if crop else []),
+                       v2.ToDtype(torch.uint8)])
 
 
 def eval_transform(size):
@@ -348,12 +457,12 @@ def eval_transform(size):
 
 
 class TwoViews(torch.utils.data.Dataset):
-    """Wraps a data set to return (view1, view2, label). Indexed by (index, epoch) from EpochSampler, it seeds
-    the augmentation from (seed, epoch, index): views are then a pure function of the sample, independent of
-    worker count and process, which makes resuming mid-epoch exact."""
+    """Wraps a data set to return (images uint8, label, key) for two_views(): the decoded image (3, H, W), or for
+    variable-size data (crop=True) two random resized crops (2, 3, size, size). Indexed by (index, epoch) from
+    EpochSampler; the key, and the per-image crops, are a pure function of (seed, epoch, index)."""
 
-    def __init__(self, dataset, transform, seed=0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset, size, seed=0, crop=False):
+        self.dataset, self.transform, self.seed, self.crop = dataset, train_views(size, crop), seed, crop
 
     def __len__(self):
         return len(self.dataset)
@@ -361,9 +470,12 @@ class TwoViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         img, label = self.dataset[i]
+        k = sample_keys(self.seed, epoch, i)
+        if not self.crop:
+            return self.transform(img).as_subclass(torch.Tensor), label, k
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
-            return self.transform(img), self.transform(img), label
+            torch.manual_seed(int(k))
+            return torch.stack([self.transform(img), self.transform(img)]).as_subclass(torch.Tensor), label, k
 
 
 class Transformed(torch.utils.data.Dataset):

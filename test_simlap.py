@@ -270,6 +270,9 @@ def test_backbones_and_projector_shapes():
     vit, d = simlap.build_backbone("vit_tiny", small_images=True)
     assert d == 192 and vit.patch_size == 4 and len(vit.encoder.layers) == 12
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+    cnn, d = simlap.build_backbone("convnet")
+    assert d == 256 and sum(p.numel() for p in cnn.parameters()) == 388_896  # 3x3 convs 3-32-64-128-256, BN
+    assert all(cnn.eval()(torch.randn(2, 3, s, s)).shape == (2, 256) for s in (8, 16, 32, 96))
     p = simlap.Projector(512, 64, 16)
     assert isinstance(p[-1], torch.nn.LayerNorm) and p(torch.randn(4, 512)).shape == (4, 16)
 
@@ -289,13 +292,91 @@ def test_synthetic_dataset_deterministic_disjoint_balanced():
     assert red[0] > blue[0] and blue[2] > red[2]
 
 
-def test_two_views_are_a_pure_function_of_seed_epoch_index():
-    ds = simlap.TwoViews(simlap.SyntheticShapes("test", per_class=2), simlap.train_transform(16), seed=1)
-    v1, v2, y = ds[(3, 0)]
-    torch.manual_seed(123)  # global RNG state must not matter
-    w1, w2, _ = ds[(3, 0)]
-    assert v1.shape == (3, 16, 16) and torch.equal(v1, w1) and torch.equal(v2, w2) and not torch.equal(v1, v2)
-    assert not torch.equal(ds[(3, 1)][0], v1)  # another epoch, other views
+# ----------------------------------------------------------------------------------------------- augmentation
+def unnormalise(x):
+    return x * torch.tensor(simlap.STD).view(1, 3, 1, 1) + torch.tensor(simlap.MEAN).view(1, 3, 1, 1)
+
+
+def neutral_params(B, **change):
+    """Parameters of the identity view (full image, no flip, no colour change), with `change` applied."""
+    p = dict(w=torch.ones(B), h=torch.ones(B), cx=torch.full((B,), 0.5), cy=torch.full((B,), 0.5),
+             flip=torch.zeros(B, dtype=torch.bool), brightness=torch.ones(B), contrast=torch.ones(B),
+             saturation=torch.ones(B), hue=torch.zeros(B), grey=torch.zeros(B, dtype=torch.bool), sigma=torch.zeros(B))
+    return {**p, **{k: torch.as_tensor(v).expand(B).clone() for k, v in change.items()}}
+
+
+def test_augment_params_follow_the_paper_distributions():
+    keys = simlap.sample_keys(3, 7, torch.arange(40_000))
+    p = simlap.augment_params(keys, view=0)
+    area, ratio = p["w"] * p["h"], p["w"] / p["h"]
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 1 + 1e-6 and area.mean() == pytest.approx(0.6, abs=0.01)
+    clipped = (p["w"] == 1) | (p["h"] == 1)  # too wide or tall for the image: full side, same area
+    assert ((ratio >= 3 / 4 - 1e-5) & (ratio <= 4 / 3 + 1e-5) | clipped).all()
+    assert area[clipped].min() >= 3 / 4 - 1e-6  # only a crop of area > 3/4 can be too wide at ratio <= 4/3
+    assert (p["cx"] - p["w"] / 2 >= -1e-6).all() and (p["cx"] + p["w"] / 2 <= 1 + 1e-6).all()  # inside the image
+    assert (p["cy"] - p["h"] / 2 >= -1e-6).all() and (p["cy"] + p["h"] / 2 <= 1 + 1e-6).all()
+    rate = lambda m: m.float().mean().item()  # noqa: E731
+    assert rate(p["flip"]) == pytest.approx(0.5, abs=0.01) and rate(p["grey"]) == pytest.approx(0.2, abs=0.01)
+    jitter = p["brightness"] != 1
+    assert rate(jitter) == pytest.approx(0.8, abs=0.01) and rate(p["sigma"] > 0) == pytest.approx(0.5, abs=0.01)
+    for name, lo, hi in (("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.6, 1.4), ("hue", -0.1, 0.1)):
+        v = p[name][jitter]
+        assert v.min() >= lo and v.max() <= hi and v.mean() == pytest.approx((lo + hi) / 2, abs=0.01), name
+    assert ((p["sigma"] == 0) | ((p["sigma"] >= 0.1) & (p["sigma"] <= 2.0))).all()
+    # the two views draw independently: their flips agree half the time, not always
+    assert rate(simlap.augment_params(keys, view=1)["flip"] == p["flip"]) == pytest.approx(0.5, abs=0.01)
+
+
+def test_views_are_a_pure_function_of_seed_epoch_index_not_of_the_batch():
+    keys = simlap.sample_keys(1, 4, torch.arange(10))
+    assert torch.equal(simlap.sample_keys(1, 4, [7]), keys[7:8])  # a key depends on the sample only
+    assert keys.unique().numel() == 10 and not torch.equal(simlap.sample_keys(1, 5, torch.arange(10)), keys)
+    x = simlap.SyntheticShapes("test", per_class=1).images[:10]
+    x1, x2 = simlap.two_views(x, keys, 64)  # 64 px: blur on
+    y1, y2 = simlap.two_views(x, keys, 64)
+    assert x1.shape == (10, 3, 64, 64) and torch.equal(x1, y1) and torch.equal(x2, y2) and not torch.equal(x1, x2)
+    alone1, alone2 = simlap.two_views(x[7:8], keys[7:8], 64)  # one image alone gets the views it gets in a batch
+    assert torch.allclose(alone1, x1[7:8], atol=1e-5) and torch.allclose(alone2, x2[7:8], atol=1e-5)
+    # the loader returns the uint8 image and that key, whatever the global RNG
+    ds = simlap.TwoViews(simlap.SyntheticShapes("test", per_class=1), 32, seed=1)
+    img, label, key = ds[(7, 4)]
+    assert img.dtype == torch.uint8 and torch.equal(img, x[7]) and label == 7 and key == keys[7]
+    # variable-size data: the loader crops each view, seeded by the key
+    crops = simlap.TwoViews(simlap.SyntheticShapes("test", per_class=1), 16, seed=1, crop=True)
+    torch.manual_seed(123)
+    a = crops[(7, 4)][0]
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, crops[(7, 4)][0]) and not torch.equal(a[0], a[1])
+    v1, v2 = simlap.two_views(a[None], key[None], 16)  # then no second crop: only flip and colour
+    plain = simlap.augment(a[None, 0], simlap.augment_params(key[None], 0, scale=(1.0, 1.0)), 16)
+    assert torch.allclose(v1, plain, atol=1e-6)
+
+
+def test_augment_matches_closed_forms_and_torchvision():
+    x = simlap.SyntheticShapes("test", per_class=1).images[:4]  # (4, 3, 32, 32) uint8
+    f = x.float() / 255
+    aug = lambda size=32, **change: unnormalise(simlap.augment(x, neutral_params(4, **change), size))  # noqa: E731
+    assert torch.allclose(aug(), f, atol=1e-6)  # the identity view: just normalised
+    # a centred crop of half the side, sampled at 16 px, hits pixel centres: exactly pixels 8..23, and flipped
+    assert torch.allclose(aug(16, w=0.5, h=0.5), f[..., 8:24, 8:24], atol=1e-5)
+    assert torch.allclose(aug(16, w=0.5, h=0.5, flip=True), f[..., 8:24, 8:24].flip(-1), atol=1e-5)
+    assert torch.allclose(aug(16, w=0.5, h=0.5, cx=0.25, cy=0.75), f[..., 16:32, 0:16], atol=1e-5)
+    F_ = torchvision.transforms.v2.functional
+    for name, ref in (("brightness", F_.adjust_brightness), ("contrast", F_.adjust_contrast),
+                      ("saturation", F_.adjust_saturation)):
+        for factor in (0.6, 1.37):
+            assert torch.allclose(aug(**{name: factor}), ref(f, factor), atol=1e-5), (name, factor)
+    assert torch.allclose(aug(grey=True), F_.rgb_to_grayscale(f, 3), atol=1e-5)
+    sigma = torch.tensor([0.5, 1.7, 0.0, 1.0])
+    blurred = unnormalise(simlap.augment(x, neutral_params(4, sigma=sigma), 64, blur=True))
+    up = torch.nn.functional.interpolate(f, size=64, mode="bilinear", align_corners=False)  # what the crop does
+    for i, s in enumerate(sigma.tolist()):
+        want = up[i] if s == 0 else F_.gaussian_blur(up[i], [7, 7], [s, s])  # kernel 2 * (64 // 20) + 1
+        assert torch.allclose(blurred[i], want, atol=1e-5), s
+    # hue: a third of a turn maps red to green and green to blue, as torchvision's HSV shift does; grey stays grey
+    prim = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.5, 0.5, 0.5]]).view(3, 3, 1, 1)
+    rot = torch.einsum("bij,bjhw->bihw", simlap.hue_rotation(torch.full((3,), 1 / 3)), prim)
+    assert torch.allclose(rot, F_.adjust_hue(prim, 1 / 3), atol=1e-5)
+    assert torch.allclose(rot[:, :, 0, 0], torch.tensor([[0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]]), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- train.py
@@ -378,15 +459,13 @@ def test_resume_is_exact_and_outputs_load(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])  # AdamW's
     # the outputs a user takes away
     assert {"checkpoint.pt", "backbone.pt", "args.json", "log.jsonl"} <= set(os.listdir(straight))
-    net = torchvision.models.resnet18()
-    net.fc = torch.nn.Identity()
-    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()  # small-image stem
+    net, _ = simlap.build_backbone("convnet")  # the demo's arch
     net.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True), strict=True)
     args = json.loads((straight / "args.json").read_text())
-    assert args["lr"] == pytest.approx(0.05 * 32 / 256) and args["per_gpu_batch"] == 32
+    assert args["lr"] == pytest.approx(train.DEMO["base_lr"] * 32 / 256) and args["per_gpu_batch"] == 32
     epochs = [r["epoch"] for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "img_per_s" in r]
     assert epochs[-1] == 2
 
@@ -427,7 +506,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
 def test_user_errors_exit_2_with_one_line(tmp_path):
     r = run_train("--arch", "resnet7", "--output-dir", str(tmp_path / "x"))  # the CLI path: code 2, one line
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines() == [
-        "train.py: error: unknown --arch 'resnet7'; choose one of resnet18, resnet50, vit_tiny, vit_small, vit_base"]
+        "train.py: error: unknown --arch 'resnet7'; choose one of convnet, resnet18, resnet50, vit_tiny, vit_small, "
+        "vit_base"]
     assert not (tmp_path / "x").exists()
     good = tmp_path / "good"
     train.main([*TINY, "--workers", "0", "--output-dir", str(good), "--stop-after", "1"])
@@ -613,9 +693,15 @@ def test_eval_gate_analysis(tmp_path):
     assert torch.allclose(torch.tensor(res["entropy"]), h, atol=1e-5)
     r = 1 / math.sqrt(2)
     assert torch.allclose(torch.tensor(res["label_similarity"])[1], torch.tensor([r, 1, r, -r]), atol=1e-6)
-    img = torchvision.io.decode_image(png)
-    assert img.shape[-2:] == (4, 5)  # K x D
-    assert (img[0].float() - gates * 255).abs().max() <= 1
+    img = torchvision.io.decode_image(png)[0].float()
+    assert img.shape == (4 * 8, 5 * 4)  # K x D, each class 8 px tall, each dimension 4 px wide
+    assert (img[::8, ::4] - gates * 255).abs().max() <= 1  # columns already in order: first opener, then count
+    overlap_img = torchvision.io.decode_image(res["pictures"]["overlap"])[0].float()
+    assert overlap_img.shape == (4 * 16, 4 * 16) and (overlap_img[::16, ::16] - expected * 255).abs().max() <= 1
+    # shuffled dimensions come back sorted: by the first class that opens them, then by how many classes do
+    shuffled = ev.save_gate_pictures(gates[:, [3, 2, 0, 4, 1]], expected, str(tmp_path / "shuffled.png"))
+    assert shuffled["gates_columns"] == [2, 4, 1, 0, 3]
+    assert torch.equal(torchvision.io.decode_image(shuffled["gates"]), torchvision.io.decode_image(png))
     # class gates of a real filter: (K, D) in (0, 1), the filter's mode restored
     filt = simlap.FeatureFilter(6, out_dim=8).train()
     g = ev.class_gates(filt)
@@ -631,6 +717,10 @@ def test_eval_backbone_geometry_is_inferred(tmp_path, weights):
     torch.save(vit.state_dict(), tmp_path / "vit.pt")
     _, _, info = ev.load_weights(backbone=str(tmp_path / "vit.pt"), arch="vit_tiny")
     assert info["small_images"] is True and info["image_size"] == 16
+    cnn, _ = simlap.build_backbone("convnet")
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
+    loaded, _, info = ev.load_weights(backbone=str(tmp_path / "cnn.pt"), arch="convnet")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), cnn.state_dict().values()))
 
 
 def test_eval_end_to_end(tmp_path, weights):
@@ -647,7 +737,7 @@ def test_eval_end_to_end(tmp_path, weights):
     assert set(res["collapse"]) == {"backbone", "projector"}
     assert len(res["collapse"]["projector"]["singular_values"]) == 32  # min(N, D)
     assert len(res["gates"]["open_dims"]) == 16 and "overlap_shared_attribute" in res["gates"]
-    assert torchvision.io.decode_image(res["gates"]["png"]).shape[-2:] == (16, 32)
+    assert torchvision.io.decode_image(res["gates"]["pictures"]["gates"]).shape[-2:] == (16 * 8, 32 * 4)
     # a second run reads the cached features and gives the same numbers
     again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--k", "5", "--output-dir",
                      str(tmp_path / "again"), "--cache-features", cache])

@@ -1,6 +1,6 @@
 """Train SimLAP (arXiv 2410.18200) on 1-8 GPUs, or on the CPU. One process or torchrun, decided from the environment.
 
-Embedded demo (synthetic shapes, ResNet-18 with the small-image stem; ~5 minutes on a 2-core CPU):
+Embedded demo (synthetic shapes, a small CNN, AdamW; minutes on a 2-core CPU, prints kNN untrained vs trained):
     python train.py
     torchrun --standalone --nproc_per_node=1 train.py
 The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 1e-4, 40 warmup epochs, cosine):
@@ -40,19 +40,19 @@ def parse_args(argv=None):
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
     a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
-    a("--synthetic-per-class", type=int, default=100, help="synthetic training images per class (default: 100)")
+    a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (default: 500)")
     a("--synthetic-classes", default=None, help="comma-separated ids of the synthetic classes to train on, "
       "id = 4 x shape + colour (default: all 16); the others stay unseen, to measure transfer to them")
-    a("--arch", default="resnet18", help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18)")
-    a("--image-size", type=int, default=None, help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
-    a("--epochs", type=int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")
-    a("--batch-size", type=int, default=128, help="GLOBAL batch over all GPUs (default: 128; the paper: 1024)")
-    a("--optimizer", default="lars", choices=("lars", "adamw"), help="lars (paper default) or adamw (Table 3a)")
+    a("--arch", default=None, help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18; demo: convnet)")
+    a("--image-size", type=int, default=None, help="crop size (default: 32 synthetic and cifar, 96 stl10, else 224)")
+    a("--epochs", type=int, default=None, help="epochs (default: 1000, Table 5a; demo: see the start line)")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs (default: 1024, Table 5a; demo: 256)")
+    a("--optimizer", default=None, choices=("lars", "adamw"), help="lars (default, Table 5a) or adamw (Table 3a; demo)")
     a("--base-lr", type=float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
-      "(default: 0.05 for lars, i.e. 0.2 at batch 1024; 5e-4 for adamw, i.e. 2e-3 at 1024)")
+      "(default: 0.05 for lars, i.e. 0.2 at batch 1024; 5e-4 for adamw, i.e. 2e-3 at 1024; demo: see the start line)")
     a("--weight-decay", type=float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
     a("--momentum", type=float, default=0.9, help="LARS momentum (default: 0.9)")
-    a("--warmup-epochs", type=float, default=40, help="linear warmup, capped at a tenth of the run (default: 40)")
+    a("--warmup-epochs", type=float, default=None, help="linear warmup, capped at a tenth of the run (default: 40)")
     a("--temperature", type=float, default=0.1, help="tau of eq. 2 (default: 0.1)")
     a("--proj-dim", type=int, default=256, help="projector output D (default: 256)")
     a("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
@@ -74,10 +74,7 @@ def parse_args(argv=None):
       "a job time limit; rerun the same command to continue (default: 0 = run to the end)")
     a("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
-    lars = args.optimizer == "lars"
-    args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
-    args.image_size = args.image_size or {"synthetic": 16, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(args.dataset, 224)
+    args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
     args.output_dir = args.output_dir or os.path.join(
         "runs", f"{args.dataset}-{args.arch}-{args.pairs}" + ("-nofilter" if args.no_filter else ""))
@@ -98,6 +95,28 @@ def parse_args(argv=None):
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size()} processes and "
                         "give at least 2 images per process")
     return args
+
+
+# The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer, below) ...
+PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
+# ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
+DEMO = dict(arch="convnet", epochs=12, batch_size=256, optimizer="adamw", base_lr=2e-3, warmup_epochs=1.0)
+
+
+def apply_defaults(args):
+    """Fill the flags left unset: the paper's recipe, or on --dataset synthetic the demo's. -> the demo values
+    that depart from the paper's recipe, as printed at start ({} off the demo or when every one was given)."""
+    demo = DEMO if args.dataset == "synthetic" else {}
+    departures = {}
+    for key, value in {**PAPER, "base_lr": None, "weight_decay": None, **demo}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            departures.update({key: value} if key in demo else {})
+    lars = args.optimizer == "lars"
+    args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
+    args.image_size = args.image_size or {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(args.dataset, 224)
+    return departures
 
 
 def get_lr(step, total_steps, warmup_steps, peak):
@@ -135,8 +154,10 @@ def load_checkpoint(path, args, num_classes):
     return ckpt
 
 
-def knn_monitor(model, train_set, test_set, args, device):
-    """Weighted kNN top-1 (k=20, T=0.07) on backbone features of (a fixed subset of) the eval split."""
+def knn_monitor(model, train_raw, test_set, args, device):
+    """Weighted kNN top-1 (k=20, T=0.07) on backbone features of (a fixed subset of) the eval split; the bank is
+    the train split seen through the eval transform."""
+    train_set = simlap.Transformed(train_raw, simlap.eval_transform(args.image_size))
     gen = torch.Generator().manual_seed(0)
     subset = lambda ds: torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist())  # noqa: E731
     loaders = [torch.utils.data.DataLoader(subset(ds), batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
@@ -203,8 +224,8 @@ def main(argv=None):
                           args.pairs, not args.no_filter, args.temperature, args.gate_penalty, class_dist,
                           args.nearest_n).to(device)
     model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
-    if args.arch.startswith("resnet") and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
+    model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
         opt = simlap.LARS(params, lr, args.weight_decay, args.momentum)
@@ -231,7 +252,8 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
 
-    train_set = simlap.TwoViews(train_raw, simlap.train_transform(args.image_size), args.seed)
+    # the loader decodes (and crops variable-size images); two_views() augments whole batches on the device
+    train_set = simlap.TwoViews(train_raw, args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
     sampler = simlap.EpochSampler(len(train_set), per_gpu, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_gpu, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
@@ -242,6 +264,9 @@ def main(argv=None):
         print(f"SimLAP {args.arch} on {args.dataset} ({len(train_raw)} images, {num_classes} classes), "
               f"{world_size()} x {per_gpu} = batch {args.batch_size}, effective lr {lr:g}, {total_steps} steps, "
               f"device {device}" + (f", resuming at step {step} from {resume}" if ckpt else ""), flush=True)
+        if args.demo_departures:
+            print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in args.demo_departures.items()), flush=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump({**vars(args), **derived}, f, indent=1)
     meta = {**vars(args), **derived}
@@ -250,7 +275,7 @@ def main(argv=None):
         partners = gather_states(raw_model.generator.get_state())  # a collective: every rank takes part
         if main0:
             save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
-                             epoch=step // steps_per_epoch, args=meta,
+                             epoch=step // steps_per_epoch, args=meta, knn_untrained=knn_untrained,
                              rng=dict(torch=torch.get_rng_state(), partners=partners)), path)
 
     def log(record):
@@ -258,7 +283,15 @@ def main(argv=None):
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # ---- train
+    # ---- train, after the kNN of the untrained network: the baseline that the trained kNN is read against
+    knn_untrained = knn_last = ckpt.get("knn_untrained") if ckpt else None
+    if args.knn_every and step == 0:
+        if main0:
+            knn_untrained = knn_monitor(raw_model, train_raw, test_set, args, device)
+            print(f"step 0 (untrained): kNN top-1 {100 * knn_untrained:.1f}%", flush=True)
+        log(dict(epoch=0, step=0, knn_top1=knn_untrained))
+        if world_size() > 1:
+            dist.barrier()
     start_step, nonfinite_step = step, torch.tensor(-1, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=total_steps, initial=step, disable=not main0, dynamic_ncols=True)
@@ -266,12 +299,11 @@ def main(argv=None):
     for epoch in range(step // steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
         model.train()
-        for x1, x2, y in loader:
+        for images, y, keys in loader:
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, total_steps, warmup_steps, lr)
-            mf = torch.channels_last if args.arch.startswith("resnet") and device.type == "cuda" else torch.contiguous_format
-            x1, x2 = (x.to(device, non_blocking=True, memory_format=mf) for x in (x1, x2))
-            y = y.to(device, non_blocking=True)
+            images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
+            x1, x2 = (x.contiguous(memory_format=memory_format) for x in simlap.two_views(images, keys, args.image_size))
             want_stats = (step + 1) % args.log_every == 0
             with torch.autocast(**amp):
                 loss, new_stats = model(x1, x2, y, stats=want_stats)
@@ -303,9 +335,8 @@ def main(argv=None):
         record = dict(epoch=epoch + 1, step=step, **stats)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             if main0:
-                record["knn_top1"] = knn_monitor(raw_model, simlap.Transformed(train_raw, simlap.eval_transform(args.image_size)),
-                                                 test_set, args, device)
-                bar.write(f"epoch {epoch + 1}: kNN top-1 {100 * record['knn_top1']:.1f}%")
+                record["knn_top1"] = knn_last = knn_monitor(raw_model, train_raw, test_set, args, device)
+                bar.write(f"epoch {epoch + 1}: kNN top-1 {100 * knn_last:.1f}%")
             if world_size() > 1:
                 dist.barrier()
         log(record)
@@ -313,8 +344,11 @@ def main(argv=None):
     bar.close()
     if main0:
         torch.save(raw_model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
-        print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into torchvision's "
-              f"{args.arch} with fc=Identity" + (", after the small-image stem)" if args.small_images else ")"))
+        into = (f"simlap.build_backbone('{args.arch}')" if not args.arch.startswith("resnet") else
+                f"torchvision's {args.arch} with fc=Identity" + (" after the small-image stem" if args.small_images else ""))
+        print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into {into})")
+        if knn_untrained is not None and knn_last is not None:
+            print(f"kNN top-1 on the test split: untrained {100 * knn_untrained:.1f}% -> trained {100 * knn_last:.1f}%")
     teardown()
 
 
