@@ -1,6 +1,7 @@
-"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR and SupCon.
+"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR and SupCon, and of the
+data augmentation: the batched on-device two_views() against the per-image torchvision pipeline it replaced.
 
-    python benchmarks/bench_step.py                          # CPU: resnet18, 16 px, batch 32
+    python benchmarks/bench_step.py                          # CPU: the demo's convnet, 32 px, batch 256
     python benchmarks/bench_step.py --device cuda            # GPU: resnet50, 224 px, batch 256, bf16, channels_last
     python benchmarks/bench_step.py --device cuda --compile  # the same under torch.compile
     python benchmarks/bench_step.py --threads 1              # a busy shared CPU: 2 threads can be slower than 1
@@ -15,6 +16,11 @@ no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, SimLAP,
 steps per mode, so that drift of a shared machine hits all modes alike. Reported: median images/s over rounds
 (an image is two views), and SimLAP's step time over SimCLR's as the median of the per-round ratios. On CUDA the
 peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all three models resident.
+
+Augmentation (same rounds): two views of --batch-size uint8 synthetic images at --image-size, (a) one image at a time
+through the per-image torchvision v2 pipeline train.py used before (PER_IMAGE below), (b) simlap.two_views() on the
+whole batch on --device; and a full SimLAP step with each, augmentation included, in this one process (no loader
+workers, which on a GPU machine would run the per-image pipeline beside the model).
 """
 import argparse
 import json
@@ -24,6 +30,7 @@ import sys
 import time
 
 import torch
+from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
@@ -33,14 +40,23 @@ MODES = {"SimLAP": dict(pairs="arbitrary", use_filter=True), "SimCLR": dict(pair
          "SupCon": dict(pairs="identical", use_filter=False)}
 
 
+def per_image_pipeline(size):
+    """One view, one image at a time: the torchvision pipeline train.py ran in its loader workers before two_views()
+    (same augmentations and parameters: crop scale 0.2-1, flip, jitter 0.4/0.4/0.4/0.1 at p 0.8, grey 0.2, blur)."""
+    blur = [v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)] if size >= 64 else []
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2), *blur,
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(simlap.MEAN, simlap.STD)])
+
+
 def parse_args():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="default: cuda if available, else cpu")
-    p.add_argument("--arch", default=None, choices=simlap.ARCHS, help="default: resnet50 on cuda, resnet18 on cpu")
-    p.add_argument("--image-size", type=int, default=None, help="default: 224 on cuda, 16 on cpu")
+    p.add_argument("--arch", default=None, choices=simlap.ARCHS, help="default: resnet50 on cuda, convnet on cpu")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 on cuda, 32 on cpu")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step, 2 views each (default: 256 on cuda, 32 on cpu)")
+                   help="images per step, 2 views each (default: 256)")
     p.add_argument("--classes", type=int, default=None,
                    help="random labels from this many classes (default: 100 on cuda, 16 on cpu)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
@@ -56,14 +72,14 @@ def parse_args():
                    help="timed steps per mode per round (default: 10 on cuda, 1 on cpu)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps per mode first (default: 5 on cuda, 1 on cpu)")
-    add_output_flags(p, "bench_step", "tiny resnet18 at 8 px, batch 8, one round (for CI)")
+    add_output_flags(p, "bench_step", "tiny convnet at 16 px, batch 8, one round (for CI)")
     args = p.parse_args()
     gpu = torch.device(args.device).type == "cuda"
     if args.smoke:
-        args.arch, args.image_size, args.batch_size, args.classes = "resnet18", 8, 8, 4
+        args.arch, args.image_size, args.batch_size, args.classes = "convnet", 16, 8, 4
         args.proj_hidden, args.proj_dim, args.rounds, args.steps, args.warmup = 64, 32, 1, 1, 1
-    defaults = dict(arch=("resnet50", "resnet18"), image_size=(224, 16), batch_size=(256, 32), classes=(100, 16),
-                    amp=("bf16", "none"), channels_last=(True, False), rounds=(10, 7), steps=(10, 1), warmup=(5, 1))
+    defaults = dict(arch=("resnet50", "convnet"), image_size=(224, 32), batch_size=(256, 256), classes=(100, 16),
+                    amp=("bf16", "none"), channels_last=(True, True), rounds=(10, 7), steps=(10, 3), warmup=(5, 1))
     for name, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
@@ -87,6 +103,14 @@ def main():
     x1, x2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
               .to(device, memory_format=fmt) for _ in range(2))
     y = torch.randint(args.classes, (args.batch_size,), generator=gen).to(device)
+    B, size = args.batch_size, args.image_size
+    images = simlap.SyntheticShapes("train", per_class=-(-B // 16), size=size).images[:B]  # (B, 3, size, size) uint8
+    keys = simlap.sample_keys(0, 0, torch.arange(B))
+    per_image = per_image_pipeline(size)
+    augment = {"per-image": lambda: [torch.stack([per_image(img) for img in images]).to(device, memory_format=fmt)
+                                     for _ in range(2)],
+               "batched": lambda: [x.contiguous(memory_format=fmt)
+                                   for x in simlap.two_views(images.to(device), keys.to(device), size)]}
 
     step_fns = {}
     for name, mode in MODES.items():
@@ -96,15 +120,20 @@ def main():
         opt = simlap.LARS(model.parameters(), lr=0.01, weight_decay=1e-6)
         forward = torch.compile(model) if args.compile else model
 
-        def step(forward=forward, opt=opt):
+        def step(views=lambda: (x1, x2), forward=forward, opt=opt):
+            v1, v2 = views()
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16"):
-                loss, _ = forward(x1, x2, y)
+                loss, _ = forward(v1, v2, y)
             loss.backward()
             opt.step()
             return loss
 
         step_fns[name] = step
+        if name == "SimLAP":  # a full step with each augmentation, and each augmentation alone
+            for aug, views in augment.items():
+                step_fns[f"SimLAP + {aug} aug"] = lambda views=views, step=step: step(views)
+                step_fns[f"{aug} aug only"] = lambda views=views: views()[0].sum()
 
     def timed(name, n):
         sync()
@@ -113,17 +142,17 @@ def main():
             loss = step_fns[name]()
         sync()
         seconds = (time.perf_counter() - t0) / n
-        if not torch.isfinite(loss):  # fail loudly: a diverged run is not a valid timing
+        if not torch.isfinite(loss).all():  # fail loudly: a diverged run is not a valid timing
             raise FloatingPointError(f"{name}: non-finite loss {loss.item()}")
         return seconds
 
-    for name in MODES:
+    for name in step_fns:
         for _ in range(args.warmup):
             step_fns[name]()
-    secs = {name: [] for name in MODES}  # seconds per step, one entry per round
+    secs = {name: [] for name in step_fns}  # seconds per step, one entry per round
     peak = {}
     for r in range(args.rounds):
-        for name in MODES:
+        for name in step_fns:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             secs[name].append(timed(name, args.steps))
@@ -137,22 +166,29 @@ def main():
         results[name] = {"ms_per_step": ms, "images_per_s": args.batch_size / ms * 1e3,
                          "images_per_s_range": [args.batch_size / max(s), args.batch_size / min(s)],
                          "ratio_to_simclr": statistics.median(a / b for a, b in zip(s, secs["SimCLR"])),
+                         "ratio_to_per_image": statistics.median(a / b for a, b in zip(s, secs["per-image aug only"])),
                          "seconds": s, "peak_gib": peak.get(name)}
-    table = markdown_table(results, gpu)
+    table = markdown_table({n: r for n, r in results.items() if n in MODES}, gpu)
+    aug_table = markdown_table({n: r for n, r in results.items() if n not in MODES}, gpu, "per_image")
+    speedup = 1 / results["batched aug only"]["ratio_to_per_image"]
     print(f"\n{info['summary']}, torch {info['torch']}, {args.arch} at {args.image_size} px, batch {args.batch_size} "
           f"(2 views each), amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
-          f"median of {args.rounds} rounds x {args.steps} steps\n\n{table}\n\n"
-          f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}")
+          f"median of {args.rounds} rounds x {args.steps} steps\n\n"
+          f"Training step on tensors already on the device (no augmentation):\n{table}\n\n"
+          f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}\n\n"
+          f"Augmentation of two views, alone and inside a SimLAP step:\n{aug_table}\n\n"
+          f"batched two_views() / per-image pipeline, images/s: {speedup:.1f}x")
     write_json(args, "bench_step", {"machine": info, "args": vars(args), "results": results})
 
 
-def markdown_table(results, gpu):
-    head = "| mode | images/s | ms/step | images/s range | step time / SimCLR |" + (" peak GiB |" if gpu else "")
+def markdown_table(results, gpu, ratio="simclr"):
+    head = (f"| mode | images/s | ms/step | images/s range | time / {'SimCLR' if ratio == 'simclr' else 'per-image aug'} |"
+            + (" peak GiB |" if gpu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
         lo, hi = r["images_per_s_range"]
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | {lo:.1f}–{hi:.1f} "
-                     f"| {r['ratio_to_simclr']:.3f} |" + (f" {r['peak_gib']:.1f} |" if gpu else ""))
+                     f"| {r[f'ratio_to_{ratio}']:.3f} |" + (f" {r['peak_gib']:.1f} |" if gpu else ""))
     return "\n".join(lines)
 
 
