@@ -10,6 +10,8 @@ samples of neither class are the negatives. The paper's baselines are the same c
 SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
 ('arbitrary', no filter). train.py and eval.py import everything they share from here.
 """
+import argparse
+import math
 import os
 
 import torch
@@ -482,3 +484,31 @@ def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classe
         scores = torch.zeros(len(q), C, dtype=sim.dtype, device=sim.device).scatter_add_(1, labels[nearest], weights)
         preds.append(scores.argmax(1))
     return torch.cat(preds)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def ranged(kind, low, high=None, low_open=False, high_open=False):
+    """argparse type= for an int or float (kind) in a range. Every numeric flag of train.py and eval.py takes one
+    of these, so an impossible value (--epochs -3, --temperature 0, nan) is refused while parsing, in one line:
+    "argument --epochs: -3 is not an integer >= 1"."""
+    what = ("an integer " if kind is int else "a number ") + (
+        f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
+        else f"{'>' if low_open else '>='} {low}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ((kind is int or math.isfinite(value)) and (value > low if low_open else value >= low)
+                                 and (high is None or (value < high if high_open else value <= high))):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    parse.bounds = (kind, low, high, low_open, high_open)  # for the tests
+    return parse
+
+
+positive_int, nonneg_int = ranged(int, 1), ranged(int, 0)
+positive_float, nonneg_float = ranged(float, 0, low_open=True), ranged(float, 0)
+

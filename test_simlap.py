@@ -1,5 +1,6 @@
 """Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
+import argparse
 import importlib
 import json
 import math
@@ -690,3 +691,83 @@ def test_eval_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys):
         assert err.startswith("eval.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.startswith("eval.py: error: ") and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------------------------- hardening
+def test_ranged_flag_types():
+    fraction = simlap.ranged(float, 0, 1, high_open=True)
+    good = {simlap.positive_int: {"1": 1, "12": 12}, simlap.nonneg_int: {"0": 0, "3": 3},
+            simlap.positive_float: {"1e-9": 1e-9, "2": 2.0}, simlap.nonneg_float: {"0": 0.0, "0.5": 0.5},
+            fraction: {"0": 0.0, "0.99": 0.99}}
+    bad = {simlap.positive_int: ["0", "-1", "2.5", "1e3", "x", ""], simlap.nonneg_int: ["-1", "nan"],
+           simlap.positive_float: ["0", "-1e-9", "nan", "inf", "x"], simlap.nonneg_float: ["-0.1", "-inf"],
+           fraction: ["1", "-0.01", "nan"]}
+    for parse, cases in good.items():
+        assert {text: parse(text) for text in cases} == cases
+    for parse, texts in bad.items():
+        for text in texts:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^1 is not a number in \[0, 1\)$"):
+        fraction("1")
+
+
+def numeric_flags(module):
+    return {a.option_strings[0]: a for a in module.build_parser()._actions if a.option_strings}
+
+
+def bad_values(kind, low, high, low_open, high_open):
+    """Values just outside the range, one of the wrong kind, and one that is no number."""
+    out = [str(low if low_open else low - 1), "2.5" if kind is int else "nan", "x"]
+    return out + ([str(high if high_open else high + 1)] if high is not None else [])
+
+
+BAD_FLAGS = [(script, flag, bad) for script, module in (("train", train), ("eval", ev))
+             for flag, action in numeric_flags(module).items() if hasattr(action.type, "bounds")
+             for bad in bad_values(*action.type.bounds)]
+
+
+def snapshot(folder):
+    """(size, mtime) of every file and folder below `folder`: whatever a command creates or writes shows."""
+    stat = lambda path: (os.stat(path).st_size, os.stat(path).st_mtime_ns)  # noqa: E731
+    return {os.path.relpath(os.path.join(d, name), folder): stat(os.path.join(d, name))
+            for d, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+@pytest.mark.parametrize("module", [train, ev], ids=["train", "eval"])
+def test_every_numeric_flag_has_a_range_holding_its_default(module):
+    """A flag added later with type=int (or a numeric default and no type) fails here: use simlap.positive_int & co."""
+    for flag, a in numeric_flags(module).items():
+        if a.type in (int, float) or type(a.default) in (int, float):
+            assert hasattr(a.type, "bounds"), f"{flag}: give it a simlap.ranged type"
+        if hasattr(a.type, "bounds") and a.default is not None:
+            assert a.type(str(a.default)) == a.default, flag
+    assert len(BAD_FLAGS) > 60
+
+
+@pytest.mark.parametrize("script, flag, bad", BAD_FLAGS, ids=[" ".join(case) for case in BAD_FLAGS])
+def test_impossible_flag_value_exits_2_with_one_line_and_writes_nothing(script, flag, bad, tmp_path, weights,
+                                                                        monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where a default output folder would go
+    if script == "train":
+        cli, argv = train.cli, [*TINY, "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    else:  # its default output folder is the folder of the weights
+        cli, argv = ev.cli, ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY]
+    before = snapshot(tmp_path), snapshot(weights)
+    with pytest.raises(SystemExit) as exit:
+        cli([*argv, flag, bad])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"{script}.py: error: argument {flag}: {bad} is not "), err
+    assert err.count("\n") == 1 and (snapshot(tmp_path), snapshot(weights)) == before
+
+
+def test_impossible_flag_combinations_fail_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    cases = {"ViT patch": ["--arch", "vit_tiny", "--image-size", "30"],
+             "kNN bank below k": ["--synthetic-per-class", "1", "--batch-size", "8", "--knn-every", "1"],
+             "batch above data": ["--synthetic-per-class", "1", "--batch-size", "32"]}
+    for name, args in cases.items():
+        with pytest.raises(train.UserError) as e:
+            train.main([*TINY, "--workers", "0", "--output-dir", str(out), *args])
+        assert "\n" not in str(e.value) and not out.exists(), name
+

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import simlap
-from simlap import rank, world_size
+from simlap import nonneg_float, nonneg_int, positive_float, positive_int, ranged, rank, world_size
 
 
 class UserError(Exception):
@@ -34,46 +34,56 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
     p = Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a) on the embedded synthetic demo.")
     a = p.add_argument
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
     a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
-    a("--synthetic-per-class", type=int, default=100, help="synthetic training images per class (default: 100)")
+    a("--synthetic-per-class", type=positive_int, default=100,
+      help="synthetic training images per class (default: 100)")
     a("--synthetic-classes", default=None, help="comma-separated ids of the synthetic classes to train on, "
       "id = 4 x shape + colour (default: all 16); the others stay unseen, to measure transfer to them")
     a("--arch", default="resnet18", help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18)")
-    a("--image-size", type=int, default=None, help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
-    a("--epochs", type=int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")
-    a("--batch-size", type=int, default=128, help="GLOBAL batch over all GPUs (default: 128; the paper: 1024)")
+    a("--image-size", type=positive_int, default=None,
+      help="crop size (default: 16 synthetic, 32 cifar, 96 stl10, else 224)")
+    a("--epochs", type=positive_int, default=3, help="epochs (default: 3, the demo; the paper trains 1000)")
+    a("--batch-size", type=positive_int, default=128, help="GLOBAL batch over all GPUs (default: 128; the paper: 1024)")
     a("--optimizer", default="lars", choices=("lars", "adamw"), help="lars (paper default) or adamw (Table 3a)")
-    a("--base-lr", type=float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
+    a("--base-lr", type=positive_float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
       "(default: 0.05 for lars, i.e. 0.2 at batch 1024; 5e-4 for adamw, i.e. 2e-3 at 1024)")
-    a("--weight-decay", type=float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
-    a("--momentum", type=float, default=0.9, help="LARS momentum (default: 0.9)")
-    a("--warmup-epochs", type=float, default=40, help="linear warmup, capped at a tenth of the run (default: 40)")
-    a("--temperature", type=float, default=0.1, help="tau of eq. 2 (default: 0.1)")
-    a("--proj-dim", type=int, default=256, help="projector output D (default: 256)")
-    a("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
+    a("--weight-decay", type=nonneg_float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
+    a("--momentum", type=ranged(float, 0, 1, high_open=True), default=0.9, help="LARS momentum (default: 0.9)")
+    a("--warmup-epochs", type=nonneg_float, default=40,
+      help="linear warmup, capped at a tenth of the run (default: 40)")
+    a("--temperature", type=positive_float, default=0.1, help="tau of eq. 2 (default: 0.1)")
+    a("--proj-dim", type=positive_int, default=256, help="projector output D (default: 256)")
+    a("--proj-hidden", type=positive_int, default=2048, help="projector hidden width (default: 2048)")
     a("--pairs", default="arbitrary", choices=simlap.PAIR_MODES, help="how partner classes are drawn (default: arbitrary)")
     a("--no-filter", action="store_true", help="all-ones gates (the SimCLR / SupCon baselines)")
     a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
       "(default on synthetic: the number of differing attributes)")
-    a("--nearest-n", type=int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
-    a("--gate-penalty", type=float, default=0.0, help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
-    a("--workers", type=int, default=2, help="data loader workers per process (default: 2)")
-    a("--seed", type=int, default=0, help="seed (default: 0)")
+    a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
+    a("--gate-penalty", type=nonneg_float, default=0.0,
+      help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
+    a("--workers", type=nonneg_int, default=2, help="data loader workers per process (default: 2)")
+    a("--seed", type=ranged(int, 0, 2 ** 20), default=0, help="seed, 0 to 2^20 (default: 0)")
     a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<pairs>[-nofilter]")
     a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
-    a("--knn-every", type=int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
-    a("--knn-samples", type=int, default=10000, help="kNN monitor: at most this many bank/test images (default: 10000)")
-    a("--log-every", type=int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
-    a("--save-every", type=int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
-    a("--stop-after", type=int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. to fit "
-      "a job time limit; rerun the same command to continue (default: 0 = run to the end)")
+    a("--knn-every", type=nonneg_int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
+    a("--knn-samples", type=ranged(int, 20), default=10000,
+      help="kNN monitor: at most this many bank/test images, at least its k = 20 (default: 10000)")
+    a("--log-every", type=positive_int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
+    a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
+    a("--stop-after", type=nonneg_int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. "
+      "to fit a job time limit; rerun the same command to continue (default: 0 = run to the end)")
     a("--compile", action="store_true", help="torch.compile the model")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     lars = args.optimizer == "lars"
     args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
@@ -94,6 +104,10 @@ def parse_args(argv=None):
         args.synthetic_classes = ids
     if args.arch not in simlap.ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
+    patch = 4 if args.small_images else 16  # a ViT's patch, as in simlap.build_backbone
+    if args.arch.startswith("vit") and args.image_size % patch:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {patch}, the patch size of a "
+                        f"{args.arch} at this size")
     if args.batch_size % world_size() or args.batch_size // world_size() < 2:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size()} processes and "
                         "give at least 2 images per process")
@@ -169,6 +183,9 @@ def main(argv=None):
     steps_per_epoch = len(train_raw) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_raw)} images)")
+    if args.knn_every and len(train_raw) < 20:
+        raise UserError(f"the kNN monitor (k = 20) needs at least 20 training images, not {len(train_raw)}; "
+                        "pass --knn-every 0 or more data")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps // 10)
     lr = args.base_lr * args.batch_size / 256
@@ -343,9 +360,9 @@ def teardown():
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         teardown()
@@ -354,3 +371,7 @@ if __name__ == "__main__":
         print(f"train.py: {e}", file=sys.stderr)
         teardown()
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
