@@ -3,15 +3,15 @@ the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the simil
 
     python eval.py --checkpoint runs/x/checkpoint.pt                      # on the checkpoint's own data set
     python eval.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data ~/data --download
-    python eval.py --backbone runs/x/backbone.pt --arch resnet50 --dataset stl10 --data ~/data --image-size 96
+    python eval.py --backbone runs/x/backbone.pt --dataset stl10 --data ~/data --image-size 96  # arch read off it
     python eval.py --checkpoint runs/x/checkpoint.pt --synthetic-per-class 20 --image-size 16 --device cpu  # smoke
 
 The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
 from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
 every evaluation (--cache-features also keeps them on disk). Every number goes to OUTPUT_DIR/eval.json (default:
 the folder of the weights), the K x D class-gate matrix to gates.png. A bad input (an impossible flag value,
-missing or corrupt weights, wrong arch, missing data or split, k larger than the bank) prints one line on stderr
-and exits with status 2, before anything is written.
+missing or corrupt weights, weights carrying pickled code, another arch, missing data or split, k larger than the
+bank) prints one line on stderr and exits with status 2, before anything is written.
 """
 import argparse
 import json
@@ -154,9 +154,9 @@ def read(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
-        raise UserError(f"{what} {path} cannot be loaded (corrupt or not a torch file): {one_line(e, 200)}") from None
+        return simlap.load_tensors(path)
+    except ValueError as e:
+        raise UserError(f"{what} {path} {e}") from None
 
 
 def load_strict(module, state, path):
@@ -168,13 +168,15 @@ def load_strict(module, state, path):
 
 def load_weights(checkpoint=None, backbone=None, arch=None):
     """-> (backbone, SimLAP or None, info). info holds arch, small_images and image_size, and with a checkpoint
-    every train flag. A bare backbone.pt carries no flags, so its geometry is read off its weights: a 3x3 ResNet
-    conv1 is the small-image stem (7x7 otherwise); a ViT's patch is its conv_proj kernel (4 = small images) and
-    its image size follows from the number of position embeddings, (size / patch)^2 + 1."""
+    every train flag. A bare backbone.pt carries no flags, so its arch (simlap.arch_of) and geometry are read off
+    its weights: a 3x3 ResNet conv1 is the small-image stem (7x7 otherwise); a ViT's patch is its conv_proj kernel
+    (4 = small images) and its image size follows from the number of position embeddings, (size / patch)^2 + 1."""
     if checkpoint:
         ckpt = read(checkpoint, "--checkpoint")
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)):
-            raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')")
+            held = simlap.arch_of(ckpt)
+            raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')"
+                            + (f"; it holds a bare {held} backbone: pass it as --backbone" if held else ""))
         a = ckpt["args"]
         missing = {"arch", "num_classes", "small_images", "image_size", "proj_hidden", "proj_dim"} - a.keys()
         if missing:
@@ -185,9 +187,17 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
                               image_size=a["image_size"], proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"])
         load_strict(model, ckpt["model"], checkpoint)
         return model.backbone, model, dict(a)
-    if not arch:
-        raise UserError("--backbone needs --arch")
     state = read(backbone, "--backbone")
+    held = simlap.arch_of(state)  # read off its keys and shapes
+    if arch and held and arch != held:
+        raise UserError(f"--backbone {backbone} holds a {held} backbone, but --arch {arch} was asked for; "
+                        f"pass --arch {held}")
+    if isinstance(state, dict) and {"model", "args"} <= state.keys():
+        raise UserError(f"--backbone {backbone} is a train.py checkpoint: pass it as --checkpoint")
+    arch = arch or held
+    if not arch:
+        raise UserError(f"--backbone {backbone} is not a backbone state_dict of a known arch "
+                        f"({', '.join(simlap.ARCHS)}); pass --arch if it is one")
     try:
         if arch.startswith("resnet"):
             small, size = state["conv1.weight"].shape[-1] == 3, None
@@ -236,8 +246,9 @@ def build_parser():
     p = Parser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="checkpoint.pt from train.py (model and train args)")
-    weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict); needs --arch")
-    p.add_argument("--arch", choices=simlap.ARCHS, help="backbone arch; with --checkpoint only checked against it")
+    weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict)")
+    p.add_argument("--arch", choices=simlap.ARCHS, help="backbone arch, checked against the weights (default: the "
+                   "arch the weights hold)")
     p.add_argument("--dataset", choices=simlap.DATASETS,
                    help="evaluation data set (default: the checkpoint's, else synthetic)")
     p.add_argument("--data", help="data set root (default: the checkpoint's)")

@@ -13,6 +13,8 @@ SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon wit
 import argparse
 import math
 import os
+import re
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,22 @@ def build_backbone(arch, small_images=False, image_size=None):
         net.heads = nn.Identity()  # forward() then returns the class-token feature
         return net, width
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+# One entry per arch: a state_dict key and its shape that only this arch's backbone has (for any image size), so a
+# weights file can say which arch it holds. Add a row with every new arch (a test checks that each is recognised).
+ARCH_SIGNATURES = {"resnet18": ("layer1.0.conv1.weight", (64, 64, 3, 3)),  # basic blocks: 3x3 first conv
+                   "resnet50": ("layer1.0.conv1.weight", (64, 64, 1, 1)),  # bottlenecks: 1x1 first conv
+                   "vit_tiny": ("class_token", (1, 1, 192)), "vit_small": ("class_token", (1, 1, 384)),
+                   "vit_base": ("class_token", (1, 1, 768))}
+
+
+def arch_of(state):
+    """The arch whose backbone state_dict `state` is, by ARCH_SIGNATURES; None if it is none of them."""
+    for arch, (key, shape) in ARCH_SIGNATURES.items():
+        if isinstance(state, dict) and tuple(getattr(state.get(key), "shape", ())) == shape:
+            return arch
+    return None
 
 
 class Projector(nn.Sequential):
@@ -512,3 +530,20 @@ def ranged(kind, low, high=None, low_open=False, high_open=False):
 positive_int, nonneg_int = ranged(int, 1), ranged(int, 0)
 positive_float, nonneg_float = ranged(float, 0, low_open=True), ranged(float, 0)
 
+
+def load_tensors(path):
+    """torch.load(path, weights_only=True) on the CPU; ValueError with one line saying why not. A pickle that
+    carries code or objects other than tensors and plain containers is refused by weights_only and is not loaded:
+    torch's own message suggests retrying with weights_only=False, which must never be done with an untrusted file,
+    so it is not quoted."""
+    try:
+        with warnings.catch_warnings():  # e.g. torch's multi-line note on the pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "weights_only" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            raise ValueError("contains pickled code/objects" + (f" ({found[1]})" if found else "") +
+                             " that weights_only loading refuses; it was not loaded") from None
+        raise ValueError(f"cannot be loaded (corrupt or not a torch file): {text[:200]}") from None

@@ -632,6 +632,7 @@ def test_eval_backbone_geometry_is_inferred(tmp_path, weights):
     torch.save(vit.state_dict(), tmp_path / "vit.pt")
     _, _, info = ev.load_weights(backbone=str(tmp_path / "vit.pt"), arch="vit_tiny")
     assert info["small_images"] is True and info["image_size"] == 16
+    assert ev.load_weights(backbone=str(tmp_path / "vit.pt"))[2] == info  # the arch, too, is read off the file
 
 
 def test_eval_end_to_end(tmp_path, weights):
@@ -770,4 +771,47 @@ def test_impossible_flag_combinations_fail_before_anything_is_written(tmp_path):
         with pytest.raises(train.UserError) as e:
             train.main([*TINY, "--workers", "0", "--output-dir", str(out), *args])
         assert "\n" not in str(e.value) and not out.exists(), name
+
+
+def test_arch_of_names_every_arch_at_any_image_size():
+    """A new arch needs its row in simlap.ARCH_SIGNATURES: this fails until it has one."""
+    for arch in simlap.ARCHS:
+        for small, size in ((True, 16), (False, 224)):
+            with torch.device("meta"):  # shapes only, nothing allocated
+                net, _ = simlap.build_backbone(arch, small, size)
+            assert simlap.arch_of(net.state_dict()) == arch, (arch, small)
+    assert simlap.arch_of({"conv1.weight": torch.zeros(64, 3, 3, 3)}) is None and simlap.arch_of([1]) is None
+
+
+def test_untrusted_or_mismatched_weights_are_refused_saying_what_was_found(tmp_path, weights, capsys):
+    ran = tmp_path / "code-ran"
+
+    class Payload:  # unpickling it would call open(ran, "w")
+        def __reduce__(self):
+            return open, (str(ran), "w")
+
+    evil, vit = str(tmp_path / "evil.pt"), str(tmp_path / "vit.pt")
+    torch.save({"model": {}, "args": Payload(), "step": 0}, evil)
+    with torch.device("meta"):
+        torch.save(simlap.build_backbone("vit_small", True, 16)[0].state_dict(), vit)
+    ckpt, backbone = str(weights / "checkpoint.pt"), str(weights / "backbone.pt")
+    refused = "contains pickled code/objects (io.open) that weights_only loading refuses; it was not loaded"
+    cases = [(ev.cli, ["--checkpoint", evil], f"--checkpoint {evil} {refused}"),
+             (ev.cli, ["--backbone", evil], f"--backbone {evil} {refused}"),
+             (train.cli, [*TINY, "--resume", evil, "--output-dir", str(tmp_path / "out")],
+              f"checkpoint {evil} {refused}"),
+             (ev.cli, ["--backbone", backbone, "--arch", "resnet50"],
+              f"--backbone {backbone} holds a resnet18 backbone, but --arch resnet50 was asked for; "
+              "pass --arch resnet18"),
+             (ev.cli, ["--backbone", vit, "--arch", "vit_tiny"], "holds a vit_small backbone, but --arch vit_tiny"),
+             (ev.cli, ["--checkpoint", backbone], "it holds a bare resnet18 backbone: pass it as --backbone"),
+             (ev.cli, ["--backbone", ckpt], "is a train.py checkpoint: pass it as --checkpoint")]
+    before = snapshot(tmp_path), snapshot(weights)
+    for cli, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit:
+            cli([*argv, "--workers", "0", *(["--device", "cpu"] if cli is ev.cli else [])])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and expected in err, err
+        assert "False" not in err  # torch's advice to retry with weights_only=False is not passed on
+    assert not ran.exists() and (snapshot(tmp_path), snapshot(weights)) == before
 

@@ -134,9 +134,9 @@ def save_atomic(obj, path):
 
 def load_checkpoint(path, args, num_classes):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); pass another --resume or remove it")
+        ckpt = simlap.load_tensors(path)
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} {e}; pass another --resume or remove it")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
@@ -193,9 +193,9 @@ def main(argv=None):
     if args.pairs == "nearest":
         if args.class_distances:
             try:
-                class_dist = torch.load(args.class_distances, weights_only=True)
-            except Exception as e:
-                raise UserError(f"cannot read --class-distances {args.class_distances} ({type(e).__name__})")
+                class_dist = simlap.load_tensors(args.class_distances)
+            except ValueError as e:
+                raise UserError(f"--class-distances {args.class_distances} {e}")
         elif args.dataset == "synthetic":
             class_dist = train_raw.attribute_distance()
         if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
