@@ -5,8 +5,11 @@ import importlib
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -815,3 +818,34 @@ def test_untrusted_or_mismatched_weights_are_refused_saying_what_was_found(tmp_p
         assert "False" not in err  # torch's advice to retry with weights_only=False is not passed on
     assert not ran.exists() and (snapshot(tmp_path), snapshot(weights)) == before
 
+
+def test_output_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, capsys):
+    """A first run in its own process holds the lock; a second one (here, in this process) is refused without
+    changing anything; once the first is killed (-9: no clean-up runs), a restart takes its lock over."""
+    out, lock = tmp_path / "run", tmp_path / "run" / "train.lock"
+    argv = [*TINY, "--workers", "0", "--epochs", "10000", "--output-dir", str(out)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().startswith(f"pid {first.pid} ")):
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)  # alive and holding the lock, but frozen: the folder stays as it is
+        before = snapshot(out)
+        with pytest.raises(SystemExit) as exit:
+            train.cli([*argv, "--stop-after", "1"])  # (were it not refused, it would not train for long)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1, err
+        assert f"in use by another live run (pid {first.pid} on host {socket.gethostname()}, started " in err
+        assert snapshot(out) == before
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+    stale = lock.read_text().strip()
+    assert stale.startswith(f"pid {first.pid} ")  # left behind by the killed run
+    train.main([*argv, "--stop-after", "1"])
+    notices = [line for line in capsys.readouterr().err.splitlines() if "train.lock" in line]
+    assert notices == [f"train.py: {lock} was left by a run that is gone ({stale}); taking it over"]
+    assert lock.read_text() == "" and train._lock is None  # released at the end

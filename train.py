@@ -11,9 +11,12 @@ Baselines: --pairs instance --no-filter (SimCLR), --pairs identical --no-filter 
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
 import argparse
+import atexit
+import fcntl
 import json
 import math
 import os
+import socket
 import sys
 import time
 
@@ -214,6 +217,8 @@ def main(argv=None):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {args.output_dir} ({e.strerror})")
+    if main0:  # if refused, rank 0 exits and torchrun stops the other ranks
+        lock_output_dir(args.output_dir)  # released by teardown(), or at exit
 
     # ---- model and optimizer
     model = simlap.SimLAP(args.arch, num_classes, args.small_images, args.image_size, args.proj_hidden, args.proj_dim,
@@ -356,8 +361,56 @@ class NonFiniteLoss(Exception):
 
 
 def teardown():
+    unlock_output_dir()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_lock = None  # the open lock file of the output folder this process holds (rank 0 of a run)
+
+
+def lock_output_dir(folder):
+    """An advisory lock on the output folder, held by rank 0 for the whole run, so that two live runs never write
+    one checkpoint.pt (e.g. the torchrun workers of a launcher killed with -9, which live on, and its restart).
+    fcntl.flock decides: the kernel drops it when its holder dies, however it dies, so a dead run never blocks a
+    restart and a reused pid is never taken for a live run. The pid, host and start time written in the file only
+    name the holder in messages; text left by a dead run means that run is gone, and it is taken over."""
+    global _lock
+    unlock_output_dir()  # one run per process: a main() that ended by an exception (Ctrl-C in a notebook) held it
+    f = open(os.path.join(folder, "train.lock"), "a+")  # creates it if missing, changes nothing otherwise
+
+    def holder():
+        f.seek(0)
+        return " ".join(f.read().split())[:200]
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = holder() or "it has not written its pid yet"
+        f.close()
+        raise UserError(f"--output-dir {folder} is in use by another live run ({other}); let it finish or stop it, "
+                        "or pass another --output-dir") from None
+    except OSError as e:  # a file system without flock: run, but say so
+        f.close()
+        print(f"train.py: warning: cannot lock {f.name} ({e.strerror}); a second run on it would go unnoticed",
+              file=sys.stderr)
+        return
+    if holder():
+        print(f"train.py: {f.name} was left by a run that is gone ({holder()}); taking it over", file=sys.stderr)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _lock = f
+
+
+@atexit.register
+def unlock_output_dir():
+    global _lock
+    if _lock is not None:
+        _lock.truncate(0)  # an empty train.lock: no run holds the folder
+        fcntl.flock(_lock, fcntl.LOCK_UN)  # explicitly: forked loader workers share the file
+        _lock.close()
+        _lock = None
 
 
 def cli(argv=None):
