@@ -3,14 +3,15 @@ the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the simil
 
     python eval.py --checkpoint runs/x/checkpoint.pt                      # on the checkpoint's own data set
     python eval.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data ~/data --download
-    python eval.py --backbone runs/x/backbone.pt --arch resnet50 --dataset stl10 --data ~/data --image-size 96
+    python eval.py --backbone runs/x/backbone.pt --dataset stl10 --data ~/data --image-size 96  # arch read off it
     python eval.py --checkpoint runs/x/checkpoint.pt --synthetic-per-class 20 --image-size 16 --device cpu  # smoke
 
 The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
 from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
 every evaluation (--cache-features also keeps them on disk). Every number goes to OUTPUT_DIR/eval.json (default:
-the folder of the weights), the K x D class gates to gates.png and their K x K overlap to gates_overlap.png. A bad input (missing or corrupt weights,
-wrong arch, missing data or split, k larger than the bank) prints one line on stderr and exits with status 2.
+the folder of the weights), the K x D class gates to gates.png and their K x K overlap to gates_overlap.png. A
+bad input (an impossible flag value, missing or corrupt weights, weights carrying pickled code, another arch, missing
+data or split, k larger than the bank) prints one line on stderr and exits with status 2, before anything is written.
 """
 import argparse
 import json
@@ -24,10 +25,16 @@ import torch.nn.functional as F
 import torchvision
 
 import simlap
+from simlap import nonneg_float, nonneg_int, positive_float, positive_int
 
 
 class UserError(Exception):
     """A bad input: reported as one line on stderr with exit status 2, without a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UserError(message)
 
 
 def one_line(e, limit=None):
@@ -165,9 +172,9 @@ def read(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
-        raise UserError(f"{what} {path} cannot be loaded (corrupt or not a torch file): {one_line(e, 200)}") from None
+        return simlap.load_tensors(path)
+    except ValueError as e:
+        raise UserError(f"{what} {path} {e}") from None
 
 
 def load_strict(module, state, path):
@@ -179,13 +186,15 @@ def load_strict(module, state, path):
 
 def load_weights(checkpoint=None, backbone=None, arch=None):
     """-> (backbone, SimLAP or None, info). info holds arch, small_images and image_size, and with a checkpoint
-    every train flag. A bare backbone.pt carries no flags, so its geometry is read off its weights: a 3x3 ResNet
-    conv1 is the small-image stem (7x7 otherwise); a ViT's patch is its conv_proj kernel (4 = small images) and
-    its image size follows from the number of position embeddings, (size / patch)^2 + 1."""
+    every train flag. A bare backbone.pt carries no flags, so its arch (simlap.arch_of) and geometry are read off
+    its weights: a 3x3 ResNet conv1 is the small-image stem (7x7 otherwise); a ViT's patch is its conv_proj kernel
+    (4 = small images) and its image size follows from the number of position embeddings, (size / patch)^2 + 1."""
     if checkpoint:
         ckpt = read(checkpoint, "--checkpoint")
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)):
-            raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')")
+            held = simlap.arch_of(ckpt)
+            raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')"
+                            + (f"; it holds a bare {held} backbone: pass it as --backbone" if held else ""))
         a = ckpt["args"]
         missing = {"arch", "num_classes", "small_images", "image_size", "proj_hidden", "proj_dim"} - a.keys()
         if missing:
@@ -196,12 +205,20 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
                               image_size=a["image_size"], proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"])
         load_strict(model, ckpt["model"], checkpoint)
         return model.backbone, model, dict(a)
-    if not arch:
-        raise UserError("--backbone needs --arch")
     state = read(backbone, "--backbone")
+    held = simlap.arch_of(state)  # read off its keys and shapes
+    if arch and held and arch != held:
+        raise UserError(f"--backbone {backbone} holds a {held} backbone, but --arch {arch} was asked for; "
+                        f"pass --arch {held}")
+    if isinstance(state, dict) and {"model", "args"} <= state.keys():
+        raise UserError(f"--backbone {backbone} is a train.py checkpoint: pass it as --checkpoint")
+    arch = arch or held
+    if not arch:
+        raise UserError(f"--backbone {backbone} is not a backbone state_dict of a known arch "
+                        f"({', '.join(simlap.ARCHS)}); pass --arch if it is one")
     try:
         if arch == "convnet":  # any image size; 32 px by default
-            small, size = state["0.weight"].shape[1] == 3, None
+            small, size = True, None
         elif arch.startswith("resnet"):
             small, size = state["conv1.weight"].shape[-1] == 3, None
         else:
@@ -244,38 +261,54 @@ def all_features(backbone, splits, args, device, source):
 
 
 # ----------------------------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
+def build_parser():
+    """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
+    p = Parser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="checkpoint.pt from train.py (model and train args)")
-    weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict); needs --arch")
-    p.add_argument("--arch", choices=simlap.ARCHS, help="backbone arch; with --checkpoint only checked against it")
+    weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict)")
+    p.add_argument("--arch", choices=simlap.ARCHS, help="backbone arch, checked against the weights (default: the "
+                   "arch the weights hold)")
     p.add_argument("--dataset", choices=simlap.DATASETS,
                    help="evaluation data set (default: the checkpoint's, else synthetic)")
     p.add_argument("--data", help="data set root (default: the checkpoint's)")
     p.add_argument("--download", action="store_true", help="download the data set if missing (default: off)")
-    p.add_argument("--synthetic-per-class", type=int, help="synthetic train images per class, the test split "
+    p.add_argument("--synthetic-per-class", type=positive_int, help="synthetic train images per class, the test split "
                    "gets a quarter, at least 10 (default: the checkpoint's, else 500 train and 100 test)")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=positive_int,
                    help="eval image size (default: the checkpoint's; for a bare backbone 32 with the small-image "
                         "stem, else 224; a ViT's own size)")
-    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch (default: 256)")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers (default: 4)")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours; k=10 is always reported too (default: 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature T (default: 0.07)")
-    p.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations of the probe (default: 300)")
-    p.add_argument("--probe-wd", type=float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
-    p.add_argument("--output-dir", help="where eval.json and the gate pictures go (default: the folder of the weights)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="feature extraction batch (default: 256)")
+    p.add_argument("--workers", type=nonneg_int, default=4, help="data loader workers (default: 4)")
+    p.add_argument("--k", type=positive_int, default=20,
+                   help="kNN neighbours; k=10 is always reported too (default: 20)")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="kNN vote temperature T (default: 0.07)")
+    p.add_argument("--probe-iters", type=positive_int, default=300,
+                   help="L-BFGS iterations of the probe (default: 300)")
+    p.add_argument("--probe-wd", type=nonneg_float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
+    p.add_argument("--output-dir", help="where eval.json and the gate pictures go (default: the folder of the "
+                   "weights)")
     p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
                                                             "(default: kept in memory only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default: cuda if available, else cpu)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {one_line(e)}") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     backbone, model, info = load_weights(args.checkpoint, args.backbone, args.arch)
     weights = args.checkpoint or args.backbone
     dataset, data = args.dataset or info.get("dataset") or "synthetic", args.data or info.get("data")

@@ -10,8 +10,11 @@ samples of neither class are the negatives. The paper's baselines are the same c
 SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
 ('arbitrary', no filter). train.py and eval.py import everything they share from here.
 """
+import argparse
 import math
 import os
+import re
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -78,10 +81,27 @@ def convnet(widths=(32, 64, 128, 256)):
     pooling: 0.39M parameters, ~4M multiply-adds for a 32 px image, any input size. -> (module, feature_dim)"""
     layers, c_in = [], 3
     for i, c in enumerate(widths):
-        layers += ([nn.MaxPool2d(2, ceil_mode=True)] if i else []) + [nn.Conv2d(c_in, c, 3, 1 if i else 2, 1, bias=False),
-                                                      nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        pool = [nn.MaxPool2d(2, ceil_mode=True)] if i else []
+        layers += pool + [nn.Conv2d(c_in, c, 3, 1 if i else 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
+
+
+# One entry per arch: a state_dict key and its shape that only this arch's backbone has (for any image size), so a
+# weights file can say which arch it holds. Add a row with every new arch (a test checks that each is recognised).
+ARCH_SIGNATURES = {"convnet": ("0.weight", (32, 3, 3, 3)),  # the stride-2 stem
+                   "resnet18": ("layer1.0.conv1.weight", (64, 64, 3, 3)),  # basic blocks: 3x3 first conv
+                   "resnet50": ("layer1.0.conv1.weight", (64, 64, 1, 1)),  # bottlenecks: 1x1 first conv
+                   "vit_tiny": ("class_token", (1, 1, 192)), "vit_small": ("class_token", (1, 1, 384)),
+                   "vit_base": ("class_token", (1, 1, 768))}
+
+
+def arch_of(state):
+    """The arch whose backbone state_dict `state` is, by ARCH_SIGNATURES; None if it is none of them."""
+    for arch, (key, shape) in ARCH_SIGNATURES.items():
+        if isinstance(state, dict) and tuple(getattr(state.get(key), "shape", ())) == shape:
+            return arch
+    return None
 
 
 class Projector(nn.Sequential):
@@ -594,3 +614,48 @@ def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classe
         scores = torch.zeros(len(q), C, dtype=sim.dtype, device=sim.device).scatter_add_(1, labels[nearest], weights)
         preds.append(scores.argmax(1))
     return torch.cat(preds)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def ranged(kind, low, high=None, low_open=False, high_open=False):
+    """argparse type= for an int or float (kind) in a range. Every numeric flag of train.py and eval.py takes one
+    of these, so an impossible value (--epochs -3, --temperature 0, nan) is refused while parsing, in one line:
+    "argument --epochs: -3 is not an integer >= 1"."""
+    what = ("an integer " if kind is int else "a number ") + (
+        f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
+        else f"{'>' if low_open else '>='} {low}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ((kind is int or math.isfinite(value)) and (value > low if low_open else value >= low)
+                                 and (high is None or (value < high if high_open else value <= high))):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    parse.bounds = (kind, low, high, low_open, high_open)  # for the tests
+    return parse
+
+
+positive_int, nonneg_int = ranged(int, 1), ranged(int, 0)
+positive_float, nonneg_float = ranged(float, 0, low_open=True), ranged(float, 0)
+
+
+def load_tensors(path):
+    """torch.load(path, weights_only=True) on the CPU; ValueError with one line saying why not. A pickle that
+    carries code or objects other than tensors and plain containers is refused by weights_only and is not loaded:
+    torch's own message suggests retrying with weights_only=False, which must never be done with an untrusted file,
+    so it is not quoted."""
+    try:
+        with warnings.catch_warnings():  # e.g. torch's multi-line note on the pickle protocol
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "weights_only" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            raise ValueError("contains pickled code/objects" + (f" ({found[1]})" if found else "") +
+                             " that weights_only loading refuses; it was not loaded") from None
+        raise ValueError(f"cannot be loaded (corrupt or not a torch file): {text[:200]}") from None

@@ -1,11 +1,15 @@
 """Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
+import argparse
 import importlib
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -465,7 +469,7 @@ def test_resume_is_exact_and_outputs_load(tmp_path):
     net, _ = simlap.build_backbone("convnet")  # the demo's arch
     net.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True), strict=True)
     args = json.loads((straight / "args.json").read_text())
-    assert args["lr"] == pytest.approx(train.DEMO["base_lr"] * 32 / 256) and args["per_gpu_batch"] == 32
+    assert args["lr"] == pytest.approx(5e-4 * 32 / 256) and args["per_gpu_batch"] == 32  # AdamW, Table 5a
     epochs = [r["epoch"] for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "img_per_s" in r]
     assert epochs[-1] == 2
 
@@ -717,9 +721,11 @@ def test_eval_backbone_geometry_is_inferred(tmp_path, weights):
     torch.save(vit.state_dict(), tmp_path / "vit.pt")
     _, _, info = ev.load_weights(backbone=str(tmp_path / "vit.pt"), arch="vit_tiny")
     assert info["small_images"] is True and info["image_size"] == 16
+    assert ev.load_weights(backbone=str(tmp_path / "vit.pt"))[2] == info  # the arch, too, is read off the file
     cnn, _ = simlap.build_backbone("convnet")
     torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
-    loaded, _, info = ev.load_weights(backbone=str(tmp_path / "cnn.pt"), arch="convnet")
+    loaded, _, info = ev.load_weights(backbone=str(tmp_path / "cnn.pt"))
+    assert info["arch"] == "convnet" and info["small_images"] is True
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), cnn.state_dict().values()))
 
 
@@ -780,3 +786,157 @@ def test_eval_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys):
         assert err.startswith("eval.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.startswith("eval.py: error: ") and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------------------------- hardening
+def test_ranged_flag_types():
+    fraction = simlap.ranged(float, 0, 1, high_open=True)
+    good = {simlap.positive_int: {"1": 1, "12": 12}, simlap.nonneg_int: {"0": 0, "3": 3},
+            simlap.positive_float: {"1e-9": 1e-9, "2": 2.0}, simlap.nonneg_float: {"0": 0.0, "0.5": 0.5},
+            fraction: {"0": 0.0, "0.99": 0.99}}
+    bad = {simlap.positive_int: ["0", "-1", "2.5", "1e3", "x", ""], simlap.nonneg_int: ["-1", "nan"],
+           simlap.positive_float: ["0", "-1e-9", "nan", "inf", "x"], simlap.nonneg_float: ["-0.1", "-inf"],
+           fraction: ["1", "-0.01", "nan"]}
+    for parse, cases in good.items():
+        assert {text: parse(text) for text in cases} == cases
+    for parse, texts in bad.items():
+        for text in texts:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^1 is not a number in \[0, 1\)$"):
+        fraction("1")
+
+
+def numeric_flags(module):
+    return {a.option_strings[0]: a for a in module.build_parser()._actions if a.option_strings}
+
+
+def bad_values(kind, low, high, low_open, high_open):
+    """Values just outside the range, one of the wrong kind, and one that is no number."""
+    out = [str(low if low_open else low - 1), "2.5" if kind is int else "nan", "x"]
+    return out + ([str(high if high_open else high + 1)] if high is not None else [])
+
+
+BAD_FLAGS = [(script, flag, bad) for script, module in (("train", train), ("eval", ev))
+             for flag, action in numeric_flags(module).items() if hasattr(action.type, "bounds")
+             for bad in bad_values(*action.type.bounds)]
+
+
+def snapshot(folder):
+    """(size, mtime) of every file and folder below `folder`: whatever a command creates or writes shows."""
+    stat = lambda path: (os.stat(path).st_size, os.stat(path).st_mtime_ns)  # noqa: E731
+    return {os.path.relpath(os.path.join(d, name), folder): stat(os.path.join(d, name))
+            for d, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+@pytest.mark.parametrize("module", [train, ev], ids=["train", "eval"])
+def test_every_numeric_flag_has_a_range_holding_its_default(module):
+    """A flag added later with type=int (or a numeric default and no type) fails here: use simlap.positive_int & co."""
+    for flag, a in numeric_flags(module).items():
+        if a.type in (int, float) or type(a.default) in (int, float):
+            assert hasattr(a.type, "bounds"), f"{flag}: give it a simlap.ranged type"
+        if hasattr(a.type, "bounds") and a.default is not None:
+            assert a.type(str(a.default)) == a.default, flag
+    assert len(BAD_FLAGS) > 60
+
+
+@pytest.mark.parametrize("script, flag, bad", BAD_FLAGS, ids=[" ".join(case) for case in BAD_FLAGS])
+def test_impossible_flag_value_exits_2_with_one_line_and_writes_nothing(script, flag, bad, tmp_path, weights,
+                                                                        monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where a default output folder would go
+    if script == "train":
+        cli, argv = train.cli, [*TINY, "--workers", "0", "--output-dir", str(tmp_path / "out")]
+    else:  # its default output folder is the folder of the weights
+        cli, argv = ev.cli, ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY]
+    before = snapshot(tmp_path), snapshot(weights)
+    with pytest.raises(SystemExit) as exit:
+        cli([*argv, flag, bad])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"{script}.py: error: argument {flag}: {bad} is not "), err
+    assert err.count("\n") == 1 and (snapshot(tmp_path), snapshot(weights)) == before
+
+
+def test_impossible_flag_combinations_fail_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    cases = {"ViT patch": ["--arch", "vit_tiny", "--image-size", "30"],
+             "kNN bank below k": ["--synthetic-per-class", "1", "--batch-size", "8", "--knn-every", "1"],
+             "batch above data": ["--synthetic-per-class", "1", "--batch-size", "32"]}
+    for name, args in cases.items():
+        with pytest.raises(train.UserError) as e:
+            train.main([*TINY, "--workers", "0", "--output-dir", str(out), *args])
+        assert "\n" not in str(e.value) and not out.exists(), name
+
+
+def test_arch_of_names_every_arch_at_any_image_size():
+    """A new arch needs its row in simlap.ARCH_SIGNATURES: this fails until it has one."""
+    for arch in simlap.ARCHS:
+        for small, size in ((True, 16), (False, 224)):
+            with torch.device("meta"):  # shapes only, nothing allocated
+                net, _ = simlap.build_backbone(arch, small, size)
+            assert simlap.arch_of(net.state_dict()) == arch, (arch, small)
+    assert simlap.arch_of({"conv1.weight": torch.zeros(64, 3, 3, 3)}) is None and simlap.arch_of([1]) is None
+
+
+def test_untrusted_or_mismatched_weights_are_refused_saying_what_was_found(tmp_path, weights, capsys):
+    ran = tmp_path / "code-ran"
+
+    class Payload:  # unpickling it would call open(ran, "w")
+        def __reduce__(self):
+            return open, (str(ran), "w")
+
+    evil, vit = str(tmp_path / "evil.pt"), str(tmp_path / "vit.pt")
+    torch.save({"model": {}, "args": Payload(), "step": 0}, evil)
+    with torch.device("meta"):
+        torch.save(simlap.build_backbone("vit_small", True, 16)[0].state_dict(), vit)
+    ckpt, backbone = str(weights / "checkpoint.pt"), str(weights / "backbone.pt")
+    refused = "contains pickled code/objects (io.open) that weights_only loading refuses; it was not loaded"
+    cases = [(ev.cli, ["--checkpoint", evil], f"--checkpoint {evil} {refused}"),
+             (ev.cli, ["--backbone", evil], f"--backbone {evil} {refused}"),
+             (train.cli, [*TINY, "--resume", evil, "--output-dir", str(tmp_path / "out")],
+              f"checkpoint {evil} {refused}"),
+             (ev.cli, ["--backbone", backbone, "--arch", "resnet50"],
+              f"--backbone {backbone} holds a resnet18 backbone, but --arch resnet50 was asked for; "
+              "pass --arch resnet18"),
+             (ev.cli, ["--backbone", vit, "--arch", "vit_tiny"], "holds a vit_small backbone, but --arch vit_tiny"),
+             (ev.cli, ["--checkpoint", backbone], "it holds a bare resnet18 backbone: pass it as --backbone"),
+             (ev.cli, ["--backbone", ckpt], "is a train.py checkpoint: pass it as --checkpoint")]
+    before = snapshot(tmp_path), snapshot(weights)
+    for cli, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit:
+            cli([*argv, "--workers", "0", *(["--device", "cpu"] if cli is ev.cli else [])])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and expected in err, err
+        assert "False" not in err  # torch's advice to retry with weights_only=False is not passed on
+    assert not ran.exists() and (snapshot(tmp_path), snapshot(weights)) == before
+
+
+def test_output_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, capsys):
+    """A first run in its own process holds the lock; a second one (here, in this process) is refused without
+    changing anything; once the first is killed (-9: no clean-up runs), a restart takes its lock over."""
+    out, lock = tmp_path / "run", tmp_path / "run" / "train.lock"
+    argv = [*TINY, "--workers", "0", "--epochs", "10000", "--output-dir", str(out)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and lock.read_text().startswith(f"pid {first.pid} ")):
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)  # alive and holding the lock, but frozen: the folder stays as it is
+        before = snapshot(out)
+        with pytest.raises(SystemExit) as exit:
+            train.cli([*argv, "--stop-after", "1"])  # (were it not refused, it would not train for long)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1, err
+        assert f"in use by another live run (pid {first.pid} on host {socket.gethostname()}, started " in err
+        assert snapshot(out) == before
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+    stale = lock.read_text().strip()
+    assert stale.startswith(f"pid {first.pid} ")  # left behind by the killed run
+    train.main([*argv, "--stop-after", "1"])
+    notices = [line for line in capsys.readouterr().err.splitlines() if "train.lock" in line]
+    assert notices == [f"train.py: {lock} was left by a run that is gone ({stale}); taking it over"]
+    assert lock.read_text() == "" and train._lock is None  # released at the end

@@ -11,9 +11,12 @@ Baselines: --pairs instance --no-filter (SimCLR), --pairs identical --no-filter 
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
 import argparse
+import atexit
+import fcntl
 import json
 import math
 import os
+import socket
 import sys
 import time
 
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import simlap
-from simlap import rank, world_size
+from simlap import nonneg_float, nonneg_int, positive_float, positive_int, ranged, rank, world_size
 
 
 class UserError(Exception):
@@ -34,46 +37,57 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
     p = Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a) on the embedded synthetic demo.")
     a = p.add_argument
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
     a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
-    a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (default: 500)")
+    a("--synthetic-per-class", type=positive_int, default=500,
+      help="synthetic training images per class (default: 500)")
     a("--synthetic-classes", default=None, help="comma-separated ids of the synthetic classes to train on, "
       "id = 4 x shape + colour (default: all 16); the others stay unseen, to measure transfer to them")
     a("--arch", default=None, help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18; demo: convnet)")
-    a("--image-size", type=int, default=None, help="crop size (default: 32 synthetic and cifar, 96 stl10, else 224)")
-    a("--epochs", type=int, default=None, help="epochs (default: 1000, Table 5a; demo: see the start line)")
-    a("--batch-size", type=int, default=None, help="GLOBAL batch over all GPUs (default: 1024, Table 5a; demo: 256)")
-    a("--optimizer", default=None, choices=("lars", "adamw"), help="lars (default, Table 5a) or adamw (Table 3a; demo)")
-    a("--base-lr", type=float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
+    a("--image-size", type=positive_int, default=None,
+      help="crop size (default: 32 synthetic and cifar, 96 stl10, else 224)")
+    a("--epochs", type=positive_int, default=None, help="epochs (default: 1000, Table 5a; demo: see the start line)")
+    a("--batch-size", type=positive_int, default=None,
+      help="GLOBAL batch over all GPUs (default: 1024, Table 5a; demo: see the start line)")
+    a("--optimizer", default=None, choices=("lars", "adamw"), help="lars (default, Table 5a) or adamw (Table 3a)")
+    a("--base-lr", type=positive_float, default=None, help="lr per 256 images; effective lr = base_lr x batch / 256 "
       "(default: 0.05 for lars, i.e. 0.2 at batch 1024; 5e-4 for adamw, i.e. 2e-3 at 1024; demo: see the start line)")
-    a("--weight-decay", type=float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
-    a("--momentum", type=float, default=0.9, help="LARS momentum (default: 0.9)")
-    a("--warmup-epochs", type=float, default=None, help="linear warmup, capped at a tenth of the run (default: 40)")
-    a("--temperature", type=float, default=0.1, help="tau of eq. 2 (default: 0.1)")
-    a("--proj-dim", type=int, default=256, help="projector output D (default: 256)")
-    a("--proj-hidden", type=int, default=2048, help="projector hidden width (default: 2048)")
+    a("--weight-decay", type=nonneg_float, default=None, help="default: 1e-4 for lars, 1e-2 for adamw (Table 5a)")
+    a("--momentum", type=ranged(float, 0, 1, high_open=True), default=0.9, help="LARS momentum (default: 0.9)")
+    a("--warmup-epochs", type=nonneg_float, default=None,
+      help="linear warmup, capped at a tenth of the run (default: 40)")
+    a("--temperature", type=positive_float, default=0.1, help="tau of eq. 2 (default: 0.1)")
+    a("--proj-dim", type=positive_int, default=256, help="projector output D (default: 256)")
+    a("--proj-hidden", type=positive_int, default=2048, help="projector hidden width (default: 2048)")
     a("--pairs", default="arbitrary", choices=simlap.PAIR_MODES, help="how partner classes are drawn (default: arbitrary)")
     a("--no-filter", action="store_true", help="all-ones gates (the SimCLR / SupCon baselines)")
     a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
       "(default on synthetic: the number of differing attributes)")
-    a("--nearest-n", type=int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
-    a("--gate-penalty", type=float, default=0.0, help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
-    a("--workers", type=int, default=2, help="data loader workers per process (default: 2)")
-    a("--seed", type=int, default=0, help="seed (default: 0)")
+    a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
+    a("--gate-penalty", type=nonneg_float, default=0.0,
+      help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
+    a("--workers", type=nonneg_int, default=2, help="data loader workers per process (default: 2)")
+    a("--seed", type=ranged(int, 0, 2 ** 20), default=0, help="seed, 0 to 2^20 (default: 0)")
     a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<pairs>[-nofilter]")
     a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
-    a("--knn-every", type=int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
-    a("--knn-samples", type=int, default=10000, help="kNN monitor: at most this many bank/test images (default: 10000)")
-    a("--log-every", type=int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
-    a("--save-every", type=int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
-    a("--stop-after", type=int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. to fit "
-      "a job time limit; rerun the same command to continue (default: 0 = run to the end)")
+    a("--knn-every", type=nonneg_int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
+    a("--knn-samples", type=ranged(int, 20), default=10000,
+      help="kNN monitor: at most this many bank/test images, at least its k = 20 (default: 10000)")
+    a("--log-every", type=positive_int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
+    a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
+    a("--stop-after", type=nonneg_int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. "
+      "to fit a job time limit; rerun the same command to continue (default: 0 = run to the end)")
     a("--compile", action="store_true", help="torch.compile the model")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
     args.output_dir = args.output_dir or os.path.join(
@@ -91,6 +105,10 @@ def parse_args(argv=None):
         args.synthetic_classes = ids
     if args.arch not in simlap.ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
+    patch = 4 if args.small_images else 16  # a ViT's patch, as in simlap.build_backbone
+    if args.arch.startswith("vit") and args.image_size % patch:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {patch}, the patch size of a "
+                        f"{args.arch} at this size")
     if args.batch_size % world_size() or args.batch_size // world_size() < 2:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size()} processes and "
                         "give at least 2 images per process")
@@ -100,7 +118,7 @@ def parse_args(argv=None):
 # The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer, below) ...
 PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
 # ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
-DEMO = dict(arch="convnet", epochs=12, batch_size=256, optimizer="adamw", base_lr=2e-3, warmup_epochs=1.0)
+DEMO = dict(arch="convnet", epochs=20, batch_size=256, optimizer="adamw", warmup_epochs=1.0)
 
 
 def apply_defaults(args):
@@ -139,9 +157,9 @@ def save_atomic(obj, path):
 
 def load_checkpoint(path, args, num_classes):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}); pass another --resume or remove it")
+        ckpt = simlap.load_tensors(path)
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} {e}; pass another --resume or remove it")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
@@ -190,6 +208,9 @@ def main(argv=None):
     steps_per_epoch = len(train_raw) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_raw)} images)")
+    if args.knn_every and len(train_raw) < 20:
+        raise UserError(f"the kNN monitor (k = 20) needs at least 20 training images, not {len(train_raw)}; "
+                        "pass --knn-every 0 or more data")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps // 10)
     lr = args.base_lr * args.batch_size / 256
@@ -197,9 +218,9 @@ def main(argv=None):
     if args.pairs == "nearest":
         if args.class_distances:
             try:
-                class_dist = torch.load(args.class_distances, weights_only=True)
-            except Exception as e:
-                raise UserError(f"cannot read --class-distances {args.class_distances} ({type(e).__name__})")
+                class_dist = simlap.load_tensors(args.class_distances)
+            except ValueError as e:
+                raise UserError(f"--class-distances {args.class_distances} {e}")
         elif args.dataset == "synthetic":
             class_dist = train_raw.attribute_distance()
         if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
@@ -218,6 +239,8 @@ def main(argv=None):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {args.output_dir} ({e.strerror})")
+    if main0:  # if refused, rank 0 exits and torchrun stops the other ranks
+        lock_output_dir(args.output_dir)  # released by teardown(), or at exit
 
     # ---- model and optimizer
     model = simlap.SimLAP(args.arch, num_classes, args.small_images, args.image_size, args.proj_hidden, args.proj_dim,
@@ -373,13 +396,61 @@ class NonFiniteLoss(Exception):
 
 
 def teardown():
+    unlock_output_dir()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+_lock = None  # the open lock file of the output folder this process holds (rank 0 of a run)
+
+
+def lock_output_dir(folder):
+    """An advisory lock on the output folder, held by rank 0 for the whole run, so that two live runs never write
+    one checkpoint.pt (e.g. the torchrun workers of a launcher killed with -9, which live on, and its restart).
+    fcntl.flock decides: the kernel drops it when its holder dies, however it dies, so a dead run never blocks a
+    restart and a reused pid is never taken for a live run. The pid, host and start time written in the file only
+    name the holder in messages; text left by a dead run means that run is gone, and it is taken over."""
+    global _lock
+    unlock_output_dir()  # one run per process: a main() that ended by an exception (Ctrl-C in a notebook) held it
+    f = open(os.path.join(folder, "train.lock"), "a+")  # creates it if missing, changes nothing otherwise
+
+    def holder():
+        f.seek(0)
+        return " ".join(f.read().split())[:200]
+
     try:
-        main()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = holder() or "it has not written its pid yet"
+        f.close()
+        raise UserError(f"--output-dir {folder} is in use by another live run ({other}); let it finish or stop it, "
+                        "or pass another --output-dir") from None
+    except OSError as e:  # a file system without flock: run, but say so
+        f.close()
+        print(f"train.py: warning: cannot lock {f.name} ({e.strerror}); a second run on it would go unnoticed",
+              file=sys.stderr)
+        return
+    if holder():
+        print(f"train.py: {f.name} was left by a run that is gone ({holder()}); taking it over", file=sys.stderr)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _lock = f
+
+
+@atexit.register
+def unlock_output_dir():
+    global _lock
+    if _lock is not None:
+        _lock.truncate(0)  # an empty train.lock: no run holds the folder
+        fcntl.flock(_lock, fcntl.LOCK_UN)  # explicitly: forked loader workers share the file
+        _lock.close()
+        _lock = None
+
+
+def cli(argv=None):
+    try:
+        main(argv)
     except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         teardown()
@@ -388,3 +459,7 @@ if __name__ == "__main__":
         print(f"train.py: {e}", file=sys.stderr)
         teardown()
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()
