@@ -1,8 +1,12 @@
-"""What every benchmark shares: the record of the machine its numbers come from, and its output flags."""
+"""What every benchmark shares: the record of the machine its numbers come from, its output flags, and the
+child processes that measure one case each."""
 import datetime
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 
 import torch
 
@@ -39,3 +43,16 @@ def write_json(args, name, record):
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {path}")
+
+
+def run_child(script, argv, what):
+    """Run a benchmark script in a fresh process; its last line on stdout is one JSON record, returned."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_bytes(cuda):
+    """Peak memory of this process so far: torch's allocations on CUDA, max RSS on CPU (ru_maxrss is KiB on Linux)."""
+    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
