@@ -318,8 +318,9 @@ def main(argv=None):
     if max(ks) > len(splits["train"]):
         raise UserError(f"k={max(ks)} is larger than the kNN bank ({len(splits['train'])} train samples)")
     given = check_labels(args.labels, dataset, splits["train"]) if args.labels else None
-    if args.kmeans is not None and not 2 <= args.kmeans <= len(splits["train"]):
-        raise UserError(f"--kmeans {args.kmeans}: give 2 to {len(splits['train'])} (the train samples) clusters")
+    if args.kmeans is not None and not (2 <= args.kmeans <= len(splits["train"]) and args.kmeans_iters >= 1):
+        raise UserError(f"--kmeans {args.kmeans} --kmeans-iters {args.kmeans_iters}: give 2 to {len(splits['train'])} "
+                        "(the train samples) clusters and at least 1 iteration")
     backbone.to(device)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
     source = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,

@@ -862,6 +862,9 @@ def test_mismatched_label_file_is_refused(tmp_path, weights, label_file, capsys)
     with pytest.raises(SystemExit) as e:  # eval.py --labels refuses the same way, before extracting features
         ev.cli(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--labels", cases["other order"][0]])
     assert e.value.code == 2 and "another order" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # more clusters than samples
+        ev.cli(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--kmeans", "33"])
+    assert e.value.code == 2 and "--kmeans 33" in capsys.readouterr().err
     # resuming with other labels is refused: same data set and fingerprint, other clusters
     run = tmp_path / "resume"
     train.main([*LABELLED, "--labels", str(path), "--output-dir", str(run), "--stop-after", "1"])

@@ -11,10 +11,14 @@ Features: float32 rows of a mixture of --clusters random unit directions plus Ga
 tiny k-means (so lazily loaded libraries and thread pools belong to the baseline), then times
     total       simlap.kmeans(x, K, iters, chunk=c): greedy k-means++ and the iterations
     iterations  the same iterations again, started from the centroids found (init=): the Lloyd part alone
-and measures what k-means adds to memory beyond the features: max-RSS growth on the CPU, max_memory_allocated()
-minus the features on CUDA. That must stay within the memory model of simlap.kmeans, O(chunk x (K + F)) plus a
+and measures what k-means adds to memory beyond the features: on the CPU the growth of the max RSS over the RSS
+just before (free heap memory handed back to the OS first, the max RSS reset: common.reset_peak), on CUDA
+max_memory_allocated() minus the memory allocated before. The children run with MALLOC_MMAP_THRESHOLD_=65536:
+glibc then maps every block of 64 KiB or more on its own and unmaps it when freed, so the RSS follows the live
+tensors (with its default adaptive threshold, freed blocks stay in the heap and the peak depends on their layout,
+by tens of MiB from run to run here). The times did not change with it, within the noise of this machine. That must stay within the memory model of simlap.kmeans, O(chunk x (K + F)) plus a
 few rows of N, checked here with explicit constants:
-    bound = 4 bytes x [2 chunk (K + F) + 4 K F + N (8 + 2 (2 + ln K))] (+ 32 MiB of allocator slack on the CPU)
+    bound = 4 bytes x [2 chunk (K + F) + 4 K F + N (8 + 2 (2 + ln K))] (+ 16 MiB of allocator slack on the CPU)
 For comparison the table shows what a single (N, K) float32 similarity matrix would take; --chunks 0 means one
 chunk of N rows, i.e. that matrix and a normalised copy of the features. The quality column is the NMI of the
 clusters against the generating mixture components (eval.cluster_agreement).
@@ -32,19 +36,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
 import simlap  # noqa: E402
-from common import add_output_flags, machine_info, peak_bytes, run_child, write_json  # noqa: E402
+from common import add_output_flags, machine_info, peak_bytes, reset_peak, run_child, write_json  # noqa: E402
 
-SLACK_CPU = 32 * 2 ** 20  # glibc arenas, thread-pool stacks, page granularity
+SLACK_CPU = 16 * 2 ** 20  # glibc arenas, thread-pool stacks, page granularity
 
 
-def make_features(n, dim, k, noise, device, seed=0):
-    """-> x (n, dim) float32 and the mixture component of every row (n,), on the device."""
+def make_features(n, dim, k, noise, device, seed=0, block=8192):
+    """-> x (n, dim) float32 and the mixture component of every row (n,), on the device, made `block` rows at a time."""
     gen = torch.Generator(device).manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(k, dim, generator=gen, device=device), dim=1)
     y = torch.randint(k, (n,), generator=gen, device=device)
-    x = centres[y]
-    x += torch.randn(n, dim, generator=gen, device=device).mul_(noise / math.sqrt(dim))
-    x *= 0.5 + torch.rand(n, 1, generator=gen, device=device)
+    x = torch.empty(n, dim, device=device)
+    for rows, labels in zip(x.split(block), y.split(block)):
+        noisy = centres[labels] + torch.randn(len(rows), dim, generator=gen, device=device) * (noise / math.sqrt(dim))
+        rows.copy_(noisy * (0.5 + torch.rand(len(rows), 1, generator=gen, device=device)))
     return x, y
 
 
@@ -60,10 +65,7 @@ def run_case(args):
     x, y = make_features(args.n, args.dim, args.clusters, args.noise, device)
     chunk = args.case or args.n
     simlap.kmeans(x[:64], 4, 2, chunk=chunk)  # the baseline includes lazily loaded libraries
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else peak_bytes(cuda)
+    base = reset_peak(cuda)
     tic = time.perf_counter()
     labels, centroids = simlap.kmeans(x, args.clusters, args.iters, chunk=chunk)
     sync()
@@ -105,6 +107,7 @@ def main():
         args.n, args.dim, args.clusters, args.iters, args.chunks = 5000, 64, 10, 5, [1024, 0]
     info = machine_info(torch.device(args.device))
     print(json.dumps(info))
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # for the children: RSS = live memory (see above)
     rows = []
     for chunk in args.chunks:
         rows.append(child(args, chunk))
