@@ -5,10 +5,13 @@ the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the simil
     python eval.py --checkpoint runs/x/checkpoint.pt --dataset cifar10 --data ~/data --download
     python eval.py --backbone runs/x/backbone.pt --dataset stl10 --data ~/data --image-size 96  # arch read off it
     python eval.py --checkpoint runs/x/checkpoint.pt --synthetic-per-class 20 --image-size 16 --device cpu  # smoke
+    python eval.py --checkpoint runs/simclr/checkpoint.pt --kmeans 1000     # pseudo labels for train.py --labels
 
 The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
 from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
-every evaluation (--cache-features also keeps them on disk). Every number goes to OUTPUT_DIR/eval.json (default:
+every evaluation (--cache-features also keeps them on disk). --kmeans K clusters the train-split features into K
+pseudo labels (appendix C) and reports their NMI and purity against the true labels; --labels FILE reports those of
+an existing label file. Everything else uses the true labels. Every number goes to OUTPUT_DIR/eval.json (default:
 the folder of the weights), the K x D class gates to gates.png and their K x K overlap to gates_overlap.png. A
 bad input (an impossible flag value, missing or corrupt weights, weights carrying pickled code, another arch, missing
 data or split, k larger than the bank) prints one line on stderr and exits with status 2, before anything is written.
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -70,6 +74,20 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=300, 
     with torch.no_grad():
         top1 = lambda a, b: 100 * (linear(a).argmax(1) == b).float().mean().item()  # noqa: E731
         return {"train_top1": top1(x, y), "test_top1": top1(x_test, y_test)}
+
+
+def cluster_agreement(pred, true):
+    """How well clusters pred (N,) agree with the true labels (N,), from the contingency table n_ij:
+    NMI = I(P; T) / ((H(P) + H(T)) / 2) (arithmetic normalisation, scikit-learn's default; 1 when both are a
+    single cluster), and purity = the accuracy of naming each cluster after its majority class."""
+    T = int(true.max()) + 1
+    n = torch.bincount(pred.long() * T + true.long(), minlength=(int(pred.max()) + 1) * T).view(-1, T).double()
+    p = n / n.sum()
+    entropy = lambda q: -torch.xlogy(q, q).sum().item()  # noqa: E731  (0 log 0 = 0)
+    h_pred, h_true = entropy(p.sum(1)), entropy(p.sum(0))
+    mi = h_pred + h_true - entropy(p)  # I(P; T) = H(P) + H(T) - H(P, T)
+    h = h_pred + h_true
+    return {"nmi": 1.0 if h == 0 else 2 * mi / h, "purity": (n.amax(1).sum() / n.sum()).item()}
 
 
 def singular_values(feats):
@@ -260,6 +278,30 @@ def all_features(backbone, splits, args, device, source):
     return feats
 
 
+def check_labels(path, dataset, train_set):
+    """--labels FILE: its pseudo labels (N,), refused unless they label exactly this train split, in its order."""
+    try:
+        return simlap.load_labels(path, dataset, train_set)[0]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def pseudo_labels(args, feats, true, train_set, source, out_dir, device):
+    """--kmeans K (appendix C): spherical k-means of the train-split features -> OUTPUT_DIR/pseudo_labels_K.pt with
+    one label per training sample in the data set's index order, the centroids, and what train.py --labels
+    checks (data set, size, fingerprint); returns the clusters' agreement with the true labels."""
+    tic = time.time()
+    labels, centroids = simlap.kmeans(feats.to(device), args.kmeans, args.kmeans_iters, args.kmeans_seed)
+    res = {"clusters": args.kmeans, "iters": args.kmeans_iters, "seed": args.kmeans_seed,
+           "seconds": time.time() - tic, **cluster_agreement(labels.cpu(), true)}
+    path = os.path.join(out_dir, f"pseudo_labels_{args.kmeans}.pt")
+    torch.save({"labels": labels.cpu(), "centroids": centroids.cpu(), "num_clusters": args.kmeans,
+                "dataset": source["dataset"], "num_samples": len(labels), "fingerprint": simlap.fingerprint(train_set),
+                "source": source, **res}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return {"file": path, **res}
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser():
     """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
@@ -290,6 +332,12 @@ def build_parser():
                    "weights)")
     p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
                                                             "(default: kept in memory only)")
+    p.add_argument("--kmeans", type=simlap.ranged(int, 2), metavar="K", help="also cluster the train-split features into K pseudo labels "
+                   "(spherical k-means, appendix C), saved to OUTPUT_DIR/pseudo_labels_K.pt for train.py --labels")
+    p.add_argument("--kmeans-iters", type=positive_int, default=20, help="k-means iterations (default: 20)")
+    p.add_argument("--kmeans-seed", type=nonneg_int, default=0, help="k-means++ seed (default: 0)")
+    p.add_argument("--labels", metavar="FILE", help="also report how well the pseudo labels in FILE (eval.py "
+                   "--kmeans) agree with the true train labels: NMI and purity (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default: cuda if available, else cpu)")
     return p
@@ -322,6 +370,10 @@ def main(argv=None):
     ks = list(dict.fromkeys((args.k, 10)))  # the paper's Table 3 reports k=10
     if max(ks) > len(splits["train"]):
         raise UserError(f"k={max(ks)} is larger than the kNN bank ({len(splits['train'])} train samples)")
+    given = check_labels(args.labels, dataset, splits["train"]) if args.labels else None
+    if args.kmeans is not None and not (2 <= args.kmeans <= len(splits["train"]) and args.kmeans_iters >= 1):
+        raise UserError(f"--kmeans {args.kmeans} --kmeans-iters {args.kmeans_iters}: give 2 to {len(splits['train'])} "
+                        "(the train samples) clusters and at least 1 iteration")
     backbone.to(device)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
     source = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
@@ -334,6 +386,10 @@ def main(argv=None):
     res = {"checkpoint": args.checkpoint, "backbone": args.backbone, "arch": info["arch"],
            "trained_on": info.get("dataset"), "dataset": dataset, "data": data, "image_size": size,
            "num_train": len(train_y), "num_test": len(test_y), "feature_dim": train_f.shape[1]}
+    if given is not None:
+        res["labels"] = {"file": args.labels, **cluster_agreement(given, train_y)}
+    if args.kmeans:
+        res["kmeans"] = pseudo_labels(args, train_f, train_y, splits["train"], source, out_dir, device)
 
     res["knn"], bank, bank_y, queries = {}, train_f.to(device), train_y.to(device), test_f.to(device)
     for k in ks:
@@ -361,7 +417,7 @@ def main(argv=None):
         # Ground truth: the attributes of the classes the filter was trained on. So it needs a synthetic training
         # set; the eval set plays no part in the gates.
         attributes = None
-        if info.get("dataset") == "synthetic":
+        if info.get("dataset") == "synthetic" and not info.get("labels"):  # pseudo labels have no attributes
             attributes = simlap.SyntheticShapes("train", per_class=1, classes=info.get("synthetic_classes")).attributes
             attributes = attributes if len(attributes) == model.num_classes else None
         png = os.path.join(out_dir, "gates.png")

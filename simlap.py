@@ -11,6 +11,7 @@ SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon wit
 ('arbitrary', no filter). train.py and eval.py import everything they share from here.
 """
 import argparse
+import hashlib
 import math
 import os
 import re
@@ -512,6 +513,20 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
+class Relabelled(torch.utils.data.Dataset):
+    """A data set whose labels are replaced: sample i keeps its image and gets labels[i] (e.g. the pseudo labels
+    of appendix C, one per sample in index order)."""
+
+    def __init__(self, dataset, labels):
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], int(self.labels[i])
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded permutation per epoch (as DistributedSampler with drop_last), yielding
     (index, epoch) and able to start mid-epoch (`start` batches are skipped, for exact resume)."""
@@ -567,10 +582,56 @@ def build_dataset(name, root, split, transform=None, download=False, synthetic_p
 
 
 def num_classes_of(ds):
-    if hasattr(ds, "classes"):
-        return len(ds.classes)
-    labels = getattr(ds, "targets", None) or getattr(ds, "_labels", None) or getattr(ds, "labels", None)
-    return int(max(labels)) + 1
+    return len(ds.classes) if hasattr(ds, "classes") else int(targets_of(ds).max()) + 1
+
+
+def targets_of(ds):
+    """The true label of every sample, in index order, read without decoding an image -> (N,) long."""
+    for name in ("targets", "_labels", "labels"):  # ImageFolder, CIFAR, synthetic / Flowers, Pets / STL-10
+        if getattr(ds, name, None) is not None:
+            return torch.as_tensor(getattr(ds, name)).long()
+    if hasattr(ds, "_samples"):  # StanfordCars
+        return torch.tensor([label for _, label in ds._samples])
+    return torch.tensor([ds[i][1] for i in range(len(ds))])
+
+
+def fingerprint(ds):
+    """A cheap identity of a data set in its index order: sha256 of its class names, its label sequence, its file
+    list (ImageFolder, relative to the root) and its pixels where it holds them in memory (CIFAR, STL-10,
+    synthetic). Another data set, subset, version or order of samples changes it (up to swaps of two files of
+    one class)."""
+    h = hashlib.sha256(repr(list(getattr(ds, "classes", []))).encode())
+    h.update(targets_of(ds).numpy().tobytes())
+    h.update("\n".join(os.path.relpath(path, ds.root) for path, _ in getattr(ds, "samples", [])).encode())
+    pixels = getattr(ds, "data", getattr(ds, "images", None))
+    if pixels is not None:
+        h.update(torch.as_tensor(pixels).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_labels(path, dataset, ds):
+    """A label file of eval.py --kmeans, checked against the data set `ds` (named `dataset`) it must label ->
+    (labels (N,) long, the file's dict). ValueError, in one line, if it labels another data set, size or order."""
+    try:
+        f = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, corrupt, not a torch file
+        raise ValueError(f"--labels {path} cannot be loaded ({type(e).__name__}); make one with eval.py --kmeans K")
+    if not (isinstance(f, dict) and {"labels", "num_clusters", "dataset", "fingerprint"} <= f.keys()
+            and isinstance(f["labels"], torch.Tensor) and f["labels"].dtype == torch.long and f["labels"].ndim == 1):
+        raise ValueError(f"--labels {path} is not a label file of eval.py --kmeans")
+    labels, K = f["labels"], f["num_clusters"]
+    made = {k: (f.get("source") or {}).get(k) for k in ("data", "synthetic_per_class", "synthetic_classes")}
+    if f["dataset"] != dataset:
+        raise ValueError(f"--labels {path} labels the {f['dataset']} data set, not {dataset}")
+    if len(labels) != len(ds):
+        raise ValueError(f"--labels {path} holds {len(labels)} labels but the {dataset} training set has {len(ds)} "
+                         f"samples; use the data the file was made from ({made})")
+    if f["fingerprint"] != fingerprint(ds):
+        raise ValueError(f"--labels {path} was made for other samples or another order of the {dataset} training "
+                         f"set (fingerprints differ); use the data it was made from ({made}) or rerun eval.py --kmeans")
+    if labels.min() < 0 or labels.max() >= K:
+        raise ValueError(f"--labels {path}: its labels are not all in [0, {K})")
+    return labels, f
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -616,6 +677,57 @@ def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classe
     return torch.cat(preds)
 
 
+@torch.no_grad()
+def kmeans(x, k, iters=20, seed=0, chunk=8192, init=None):
+    """Spherical k-means (Lloyd's algorithm with cosine similarity) of the rows of x (N, F), on x's device ->
+    labels (N,) long, centroids (K, F) with unit rows. Appendix C clusters SimCLR features into pseudo labels.
+    x is never copied: rows are L2-normalised chunk by chunk, so beyond x memory is O(chunk x (K + F) + K x F)
+    plus a few rows of N (2 + ln K of them while initialising), never an (N, K) matrix.
+    Initialisation: greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's default): each centroid is the
+    best of 2 + ln K rows drawn with probability ∝ squared distance (2 - 2 cos) to the nearest centroid so far,
+    drawn from torch.Generator(seed); or the rows of init. Each of the `iters` iterations assigns every row to
+    its most similar centroid. A cluster left empty takes the row farthest from its centroid (lowest similarity
+    first, never a cluster's last row), so every returned cluster is non-empty; centroids are then the
+    normalised means of their clusters. Deterministic for a seed on the CPU (on CUDA, index_add_'s atomic adds
+    may change the last bits)."""
+    N, dev = len(x), x.device
+    if not 1 <= k <= N or iters < 1:
+        raise ValueError(f"k-means needs 1 <= k <= N samples and iters >= 1 (got k={k}, N={N}, iters={iters})")
+    inv = torch.cat([rows.float().norm(dim=1).clamp_min(1e-12).reciprocal() for rows in x.split(chunk)])  # (N,)
+    units = lambda: (rows.float() * s[:, None] for rows, s in zip(x.split(chunk), inv.split(chunk)))  # noqa: E731
+    if init is not None:
+        centroids = F.normalize(init.to(dev, torch.float32), dim=1)
+    else:
+        gen, trials = torch.Generator(dev).manual_seed(seed), 2 + int(math.log(k))
+        centroids = torch.empty(k, x.shape[1], device=dev)
+        d2 = torch.full((N,), 4.0, device=dev)  # squared distance to the nearest centroid so far (4 = antipodal)
+        for j in range(k):  # greedy k-means++: of `trials` rows drawn with P ∝ d2, keep the one lowering Σ d2 most
+            pick = torch.multinomial(d2.clamp_min(1e-12), 1 if j == 0 else trials, True, generator=gen)
+            cand = x[pick].float() * inv[pick, None]  # (trials, F)
+            d2_cand = torch.minimum(d2, 2 - 2 * (x @ cand.T.to(x.dtype)).float().T * inv)  # (trials, N)
+            keep = d2_cand.sum(1).argmin()
+            centroids[j], d2 = cand[keep], d2_cand[keep]
+    for _ in range(iters):
+        sums, labels, best = torch.zeros_like(centroids), [], []
+        for u in units():  # (chunk, F) unit rows
+            sim, lab = (u @ centroids.T).max(1)  # (chunk, K) -> (chunk,): the only K-wide tensor
+            sums.index_add_(0, lab, u)
+            labels.append(lab), best.append(sim)
+        labels, best = torch.cat(labels), torch.cat(best)
+        counts = torch.bincount(labels, minlength=k)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if len(empty):  # re-seed: move the farthest rows there, each cluster keeping at least its nearest row
+            order = best.argsort(stable=True)  # farthest first
+            lab = labels[order]
+            grouped = lab.argsort(stable=True)  # positions in `order`, cluster by cluster, farthest first
+            rank = torch.empty_like(order)
+            rank[grouped] = torch.arange(N, device=dev) - (counts.cumsum(0) - counts)[lab[grouped]]
+            moved = order[rank < counts[lab] - 1][: len(empty)]
+            u = x[moved].float() * inv[moved, None]
+            sums.index_add_(0, labels[moved], -u).index_add_(0, empty, u)
+            labels[moved] = empty
+        centroids = F.normalize(sums, dim=1)
+    return labels, centroids
 # ----------------------------------------------------------------------------------------------- command line
 def ranged(kind, low, high=None, low_open=False, high_open=False):
     """argparse type= for an int or float (kind) in a range. Every numeric flag of train.py and eval.py takes one

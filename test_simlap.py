@@ -940,3 +940,183 @@ def test_output_lock_refuses_a_live_run_and_takes_over_a_dead_ones(tmp_path, cap
     notices = [line for line in capsys.readouterr().err.splitlines() if "train.lock" in line]
     assert notices == [f"train.py: {lock} was left by a run that is gone ({stale}); taking it over"]
     assert lock.read_text() == "" and train._lock is None  # released at the end
+# ----------------------------------------------------------------------------------------------- pseudo labels
+def blobs(per_cluster, k, dim, noise, seed=0):
+    """k well-separated directions (orthonormal centres), rows in shuffled order with random norms (which the
+    cosine ignores) -> x (N, dim), generating labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(dim, k, generator=g))[0].T  # (k, dim)
+    y = torch.arange(k).repeat_interleave(per_cluster)[torch.randperm(k * per_cluster, generator=g)]
+    x = (centres[y] + noise * torch.randn(len(y), dim, generator=g)) * (0.5 + torch.rand(len(y), 1, generator=g))
+    return x, y
+
+
+def test_kmeans_recovers_separated_clusters_deterministically():
+    x, y = blobs(20, 12, 24, 0.05)
+    u = F.normalize(x, dim=1)
+    for seed in range(8):  # k-means++ matters here: a uniform random start fails 5 of these 8 seeds
+        labels, centroids = simlap.kmeans(x, 12, iters=10, seed=seed, chunk=50)  # chunks smaller than N
+        assert ev.cluster_agreement(labels, y) == {"nmi": pytest.approx(1.0), "purity": 1.0}, seed
+        means = F.normalize(torch.stack([u[labels == c].sum(0) for c in range(12)]), dim=1)
+        assert torch.allclose(centroids, means, atol=1e-6)  # centroids = normalised means of their clusters
+    a, b = simlap.kmeans(x, 12, seed=3), simlap.kmeans(x, 12, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], simlap.kmeans(x, 12, seed=4)[0])  # (the same partition, other cluster ids)
+
+
+def test_kmeans_iterations_equal_plain_lloyd():
+    """From the same start, the chunked iterations equal Lloyd's algorithm written with the full (N, K) matrix."""
+    x = torch.randn(300, 10, generator=torch.Generator().manual_seed(0)) + 0.5
+    init = x[:6]
+    u, c = F.normalize(x, dim=1), F.normalize(init, dim=1)
+    for _ in range(4):
+        ref = (u @ c.T).argmax(1)
+        assert torch.bincount(ref, minlength=6).min() > 0  # no re-seeding in this reference
+        c = F.normalize(torch.stack([u[ref == j].sum(0) for j in range(6)]), dim=1)
+    labels, centroids = simlap.kmeans(x, 6, iters=4, init=init, chunk=64)
+    assert torch.equal(labels, ref) and torch.allclose(centroids, c, atol=1e-6)
+
+
+def test_kmeans_reseeds_empty_clusters_with_the_farthest_rows():
+    # the third start direction is nearest to no row: its cluster empties and takes the row farthest from its
+    # centroid, row 2 (cosine 0.89 with [1, 0]; all others > 0.99)
+    x = torch.tensor([[1, 0.], [1, .1], [1, -.5], [0, 1.], [.1, 1]])
+    labels, centroids = simlap.kmeans(x, 3, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.]]))
+    assert labels.tolist() == [0, 0, 2, 1, 1] and torch.allclose(centroids[2], F.normalize(x[2], dim=0))
+    # never a cluster's last row: row 4 is the farthest (0.83 with [-1, -1]) but alone, so row 3 (0.98) moves
+    x = torch.tensor([[1, 0.], [1, .1], [0, 1.], [.2, 1], [-1, -.2]])
+    labels, _ = simlap.kmeans(x, 4, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.], [0, -1.]]))
+    assert labels.tolist() == [0, 0, 1, 3, 2]
+    # more clusters than distinct rows: duplicates are split so that every cluster is non-empty, on every pass
+    x = torch.eye(3).repeat(10, 1)
+    for iters in (1, 2, 5):
+        labels, _ = simlap.kmeans(x, 5, iters=iters)
+        assert torch.bincount(labels, minlength=5).min() > 0
+        assert ev.cluster_agreement(labels, torch.arange(3).repeat(10))["purity"] == 1.0  # a cluster: one row value
+    with pytest.raises(ValueError, match="k-means"):
+        simlap.kmeans(x, 31)
+
+
+def test_cluster_agreement_against_hand_computation():
+    pred, true = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 1, 1])
+    # contingency n = [[2, 1], [0, 3]], N = 6, cluster sizes 3 and 3, class sizes 2 and 4
+    mi = 2 / 6 * math.log(6 * 2 / (3 * 2)) + 1 / 6 * math.log(6 * 1 / (3 * 4)) + 3 / 6 * math.log(6 * 3 / (3 * 4))
+    h_pred, h_true = math.log(2), -(2 / 6 * math.log(2 / 6) + 4 / 6 * math.log(4 / 6))
+    res = ev.cluster_agreement(pred, true)
+    assert res["nmi"] == pytest.approx(mi / ((h_pred + h_true) / 2)) and res["purity"] == pytest.approx(5 / 6)
+    # known values: a renamed perfect clustering, one cluster, independent labels; unused cluster ids are harmless
+    t = torch.tensor
+    assert ev.cluster_agreement(t([1, 1, 0, 0]), t([0, 0, 1, 1])) == {"nmi": pytest.approx(1.0), "purity": 1.0}
+    assert ev.cluster_agreement(t([0, 0, 0, 0]), t([0, 1, 2, 3])) == {"nmi": 0.0, "purity": 0.25}
+    assert ev.cluster_agreement(t([0, 1, 0, 1]), t([0, 0, 1, 1]))["nmi"] == pytest.approx(0.0, abs=1e-12)
+    assert ev.cluster_agreement(t([7, 7, 2, 2]), t([0, 0, 1, 1]))["nmi"] == pytest.approx(1.0)
+    # random labels against the textbook double sum over the contingency table
+    g = torch.Generator().manual_seed(0)
+    pred, true = torch.randint(7, (200,), generator=g), torch.randint(5, (200,), generator=g)
+    n = [[int(((pred == i) & (true == j)).sum()) for j in range(5)] for i in range(7)]
+    a, b = [sum(r) for r in n], [sum(c) for c in zip(*n)]
+    mi = sum(n[i][j] / 200 * math.log(200 * n[i][j] / (a[i] * b[j])) for i in range(7) for j in range(5) if n[i][j])
+    h = lambda counts: -sum(c / 200 * math.log(c / 200) for c in counts if c)  # noqa: E731
+    res = ev.cluster_agreement(pred, true)
+    assert res["nmi"] == pytest.approx(2 * mi / (h(a) + h(b))) and res["purity"] == pytest.approx(sum(map(max, n)) / 200)
+
+
+def test_fingerprint_detects_other_samples_and_order(tmp_path):
+    ds = simlap.SyntheticShapes("train", per_class=3)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    shuffled = simlap.SyntheticShapes("train", per_class=3)
+    shuffled.targets, shuffled.images = ds.targets[perm], ds.images[perm]
+    other = simlap.SyntheticShapes("train", per_class=3, classes=[15, *range(1, 16)])  # same labels, one class swapped
+    assert simlap.fingerprint(ds) == simlap.fingerprint(simlap.SyntheticShapes("train", per_class=3))
+    assert len({simlap.fingerprint(d) for d in (ds, shuffled, other)}) == 3
+    for cls, n in (("a", 2), ("b", 2)):  # an ImageFolder: the same files elsewhere match, a renamed one does not
+        os.makedirs(tmp_path / "f" / "train" / cls)
+        for i in range(n):
+            png = str(tmp_path / "f" / "train" / cls / f"{i}.png")
+            torchvision.io.write_png(torch.zeros(3, 4, 4, dtype=torch.uint8), png)
+    folder = lambda: simlap.build_dataset("imagefolder", str(tmp_path / "f"), "train")  # noqa: E731
+    before = simlap.fingerprint(folder())
+    os.rename(tmp_path / "f", tmp_path / "g")
+    assert simlap.fingerprint(simlap.build_dataset("imagefolder", str(tmp_path / "g"), "train")) == before
+    os.rename(tmp_path / "g", tmp_path / "f")
+    os.rename(tmp_path / "f" / "train" / "b" / "1.png", tmp_path / "f" / "train" / "b" / "2.png")
+    assert simlap.fingerprint(folder()) != before
+
+
+@pytest.fixture(scope="module")
+def label_file(weights, tmp_path_factory):
+    """eval.py --kmeans 4 on the tiny checkpoint's train split (synthetic, 2 per class: 32 samples)."""
+    out = tmp_path_factory.mktemp("kmeans")
+    res = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--k", "5", "--kmeans", "4",
+                   "--output-dir", str(out)])
+    return out / "pseudo_labels_4.pt", res
+
+
+LABELLED = [*TINY, "--workers", "0", "--synthetic-per-class", "2", "--image-size", "16", "--batch-size", "16",
+            "--epochs", "1"]  # the label file's data set: 32 samples, 2 steps
+
+
+def test_pseudo_label_round_trip(tmp_path, weights, label_file, monkeypatch):
+    path, res = label_file
+    f = torch.load(path, weights_only=True)
+    true = simlap.SyntheticShapes("train", per_class=2).targets
+    assert f["labels"].shape == (32,) and f["centroids"].shape == (4, 512) and f["num_clusters"] == 4
+    assert torch.bincount(f["labels"], minlength=4).min() > 0 and not torch.equal(f["labels"], true)
+    assert res["kmeans"]["nmi"] == ev.cluster_agreement(f["labels"], true)["nmi"] == f["nmi"]
+    # the labels are k-means of exactly the features eval.py extracts (eval transform, index order)
+    bb, _, _ = ev.load_weights(str(weights / "checkpoint.pt"))
+    ds = simlap.SyntheticShapes("train", per_class=2, transform=simlap.eval_transform(16))
+    feats, _ = simlap.extract_features(bb, torch.utils.data.DataLoader(ds, batch_size=8), torch.device("cpu"))
+    assert torch.equal(simlap.kmeans(feats, 4)[0], f["labels"])
+    # eval.py --labels reports the same agreement
+    again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--labels", str(path), "--output-dir",
+                     str(tmp_path / "again")])
+    assert again["labels"]["nmi"] == res["kmeans"]["nmi"] and again["labels"]["purity"] == res["kmeans"]["purity"]
+    # train.py --labels: every label the model sees in one epoch (all 32 samples) is a pseudo label
+    seen, forward = [], simlap.SimLAP.forward
+    spy = lambda self, x1, x2, y, *a, **k: seen.append(y) or forward(self, x1, x2, y, *a, **k)  # noqa: E731
+    monkeypatch.setattr(simlap.SimLAP, "forward", spy)
+    train.main([*LABELLED, "--labels", str(path), "--output-dir", str(tmp_path / "run")])
+    assert torch.equal(torch.bincount(torch.cat(seen), minlength=4), torch.bincount(f["labels"], minlength=4))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["num_classes"] == 4 and ckpt["model"]["filter.embed.weight"].shape[0] == 4
+    assert ckpt["args"]["labels"] == str(path) and len(ckpt["args"]["labels_fingerprint"]) == 16
+
+
+def test_mismatched_label_file_is_refused(tmp_path, weights, label_file, capsys):
+    path, _ = label_file
+    f = torch.load(path, weights_only=True)
+    edited = lambda name, **change: torch.save({**f, **change}, tmp_path / name) or str(tmp_path / name)  # noqa: E731
+    shuffled = simlap.SyntheticShapes("train", per_class=2)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    shuffled.targets, shuffled.images = shuffled.targets[perm], shuffled.images[perm]
+    cases = {"other length": [str(path), "--synthetic-per-class", "3"],
+             "other samples, same length": [str(path), "--synthetic-per-class", "4", "--synthetic-classes",
+                                            ",".join(map(str, range(8)))],
+             "other order": [edited("order.pt", fingerprint=simlap.fingerprint(shuffled))],
+             "other data set": [edited("cifar.pt", dataset="cifar10")],
+             "labels out of range": [edited("range.pt", num_clusters=2)],
+             "not a label file": [edited("no.pt", labels=[1, 2])],
+             "missing file": [str(tmp_path / "nope.pt")]}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *LABELLED, "--labels", *cases["other order"],
+                           "--output-dir", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("train.py: error: --labels") and proc.stderr.count("\n") == 1
+    assert "another order" in proc.stderr
+    for name, (file, *flags) in cases.items():
+        with pytest.raises(train.UserError) as e:
+            train.main([*LABELLED, *flags, "--labels", file, "--output-dir", str(tmp_path / name)])
+        assert "\n" not in str(e.value) and "--labels" in str(e.value), name
+        assert not (tmp_path / name).exists(), name  # nothing written
+    with pytest.raises(SystemExit) as e:  # eval.py --labels refuses the same way, before extracting features
+        ev.cli(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--labels", cases["other order"][0]])
+    assert e.value.code == 2 and "another order" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # more clusters than samples
+        ev.cli(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--kmeans", "33"])
+    assert e.value.code == 2 and "--kmeans 33" in capsys.readouterr().err
+    # resuming with other labels is refused: same data set and fingerprint, other clusters
+    run = tmp_path / "resume"
+    train.main([*LABELLED, "--labels", str(path), "--output-dir", str(run), "--stop-after", "1"])
+    other = edited("other.pt", labels=(f["labels"] + 1) % 4)
+    with pytest.raises(train.UserError, match="labels_fingerprint"):
+        train.main([*LABELLED, "--labels", other, "--output-dir", str(run)])
+    assert not (tmp_path / "cli").exists()

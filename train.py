@@ -8,11 +8,13 @@ The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 
         --arch resnet50 --image-size 224 --batch-size 1024 --epochs 1000 --warmup-epochs 40 --base-lr 0.05 \\
         --weight-decay 1e-4 --temperature 0.1 --proj-dim 256 --workers 10 --knn-every 50
 Baselines: --pairs instance --no-filter (SimCLR), --pairs identical --no-filter (SupCon).
+Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
 import argparse
 import atexit
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -73,6 +75,8 @@ def build_parser():
       help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
     a("--workers", type=nonneg_int, default=2, help="data loader workers per process (default: 2)")
     a("--seed", type=ranged(int, 0, 2 ** 20), default=0, help="seed, 0 to 2^20 (default: 0)")
+    a("--labels", default=None, metavar="FILE", help="train on the pseudo labels in FILE (eval.py --kmeans K, "
+      "appendix C) instead of the data set's, with K classes; the kNN monitor still uses the true labels")
     a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<pairs>[-nofilter]")
     a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
     a("--knn-every", type=nonneg_int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
@@ -165,11 +169,29 @@ def load_checkpoint(path, args, num_classes):
     old = ckpt["args"]
     for key, now in (("arch", args.arch), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
                      ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
-                     ("synthetic_classes", args.synthetic_classes)):
+                     ("synthetic_classes", args.synthetic_classes), ("labels_fingerprint", args.labels_fingerprint)):
         if old.get(key) != now:
             raise UserError(f"checkpoint {path} has {key}={old.get(key)} but this run has {now}; "
                             "use the same flags or another --output-dir")
     return ckpt
+
+
+def training_labels(args, train_raw):
+    """-> (labels (N,) or None, num_classes): the data set's own labels, or with --labels FILE the pseudo labels of
+    eval.py --kmeans, refused unless they label exactly this training set in its order. Their hash goes into
+    args, and so into the checkpoint: a resume with other labels is refused."""
+    args.labels_fingerprint = None
+    if not args.labels:
+        return None, simlap.num_classes_of(train_raw)
+    try:
+        labels, f = simlap.load_labels(args.labels, args.dataset, train_raw)
+    except ValueError as e:
+        raise UserError(str(e))
+    args.labels_fingerprint = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
+    if rank() == 0 and "nmi" in f:
+        print(f"training on {f['num_clusters']} pseudo labels from {args.labels} (against the true labels: "
+              f"NMI {f['nmi']:.3f}, purity {f['purity']:.3f})")
+    return labels, f["num_clusters"]
 
 
 def knn_monitor(model, train_raw, test_set, args, device):
@@ -203,7 +225,7 @@ def main(argv=None):
                                         download=args.download, **synthetic)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))
-    num_classes = simlap.num_classes_of(train_raw)
+    labels, num_classes = training_labels(args, train_raw)  # the data set's, or pseudo labels (--labels)
     per_gpu = args.batch_size // world_size()
     steps_per_epoch = len(train_raw) // args.batch_size
     if steps_per_epoch == 0:
@@ -221,7 +243,7 @@ def main(argv=None):
                 class_dist = simlap.load_tensors(args.class_distances)
             except ValueError as e:
                 raise UserError(f"--class-distances {args.class_distances} {e}")
-        elif args.dataset == "synthetic":
+        elif args.dataset == "synthetic" and labels is None:
             class_dist = train_raw.attribute_distance()
         if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
             raise UserError(f"--pairs nearest needs --class-distances FILE holding a ({num_classes}, {num_classes}) tensor")
@@ -276,7 +298,8 @@ def main(argv=None):
         model = torch.compile(model)
 
     # the loader decodes (and crops variable-size images); two_views() augments whole batches on the device
-    train_set = simlap.TwoViews(train_raw, args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
+    train_set = simlap.TwoViews(train_raw if labels is None else simlap.Relabelled(train_raw, labels),
+                                args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
     sampler = simlap.EpochSampler(len(train_set), per_gpu, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_gpu, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,

@@ -22,9 +22,7 @@ on CUDA max_memory_allocated() minus what the inputs hold.
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
-from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
+from common import add_output_flags, machine_info, peak_bytes, run_child, write_json  # noqa: E402
 
 IMPLS = ("simlap", "naive", "infonce")
 NAIVE_BYTES_PER_ELEMENT = 12  # measured peak of naive_loss (fp32, CPU) per element of z_bar: three (B, B, D) tensors
@@ -77,11 +75,6 @@ def run_impl(impl, q, k, gates, y, y2, temperature):
     return loss.item()
 
 
-def peak_bytes(cuda):
-    """Peak memory of this process so far: torch's allocations on CUDA, max RSS on CPU (ru_maxrss is KiB on Linux)."""
-    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_case(args):
     """Child process: time one implementation at one (B, D); print one JSON line."""
     impl, B, D = args.case.split(",")
@@ -110,13 +103,10 @@ def run_case(args):
 
 
 def child(args, impl, B, D):
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{impl},{B},{D}", "--device", args.device,
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds),
-           "--threads", str(args.threads), "--classes", str(args.classes), "--temperature", str(args.temperature)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {impl} B={B} D={D} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--case", f"{impl},{B},{D}", "--device", args.device, "--repeats", str(args.repeats), "--warmup",
+            str(args.warmup), "--max-seconds", str(args.max_seconds), "--threads", str(args.threads), "--classes",
+            str(args.classes), "--temperature", str(args.temperature)]
+    return run_child(__file__, argv, f"case {impl} B={B} D={D}")
 
 
 def main():

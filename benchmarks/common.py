@@ -1,8 +1,13 @@
-"""What every benchmark shares: the record of the machine its numbers come from, and its output flags."""
+"""What every benchmark shares: the record of the machine its numbers come from, its output flags, and the
+child processes that measure one case each."""
+import ctypes
 import datetime
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 
 import torch
 
@@ -39,3 +44,35 @@ def write_json(args, name, record):
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {path}")
+
+
+def run_child(script, argv, what):
+    """Run a benchmark script in a fresh process; its last line on stdout is one JSON record, returned."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_bytes(cuda):
+    """Peak memory of this process so far: torch's allocations on CUDA, max RSS on CPU (ru_maxrss is KiB on Linux)."""
+    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak(cuda):
+    """Start a new window for peak_bytes() -> the memory in use now, the baseline to subtract from its peak. CUDA:
+    torch's peak statistics. CPU (Linux): free heap memory goes back to the OS (glibc's malloc_trim) and the max RSS
+    is reset to the current RSS (/proc/self/clear_refs). Where that fails the baseline is the peak so far, which
+    hides growth up to that peak's excess over the current RSS."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, AttributeError, StopIteration):
+        return peak_bytes(cuda)
