@@ -205,7 +205,9 @@ class _PairInfoNCE(torch.autograd.Function):
         S = E.sum(1, keepdim=True)  # (B, 1)
         x = (m + S.log() - L).clamp_min_(-80)  # log Σ_n e^{L_in} - L_ij (-inf without negatives: the term is 0)
         ctx.save_for_backward(rk, L, E, S, x, pos)
-        return -torch.dot(x.neg().sigmoid_().log_().flatten(), pos.flatten())  # Σ_pos softplus(x) = -log σ(-x)
+        # Σ over positives of softplus(x) = max(x, 0) - log σ(|x|): no inf anywhere, so the 0s of pos stay 0
+        pos = pos.flatten()
+        return torch.dot(x.relu().flatten(), pos) - torch.dot(x.abs().sigmoid_().log_().flatten(), pos)
 
     @staticmethod
     def backward(ctx, grad):

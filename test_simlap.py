@@ -53,6 +53,23 @@ def test_loss_and_gradient_equal_brute_force(layout):
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (layout, tau, name)
 
 
+def test_loss_in_fp32_at_small_temperature_matches_fp64_brute_force():
+    """τ = 0.01 puts logits in [-100, 100]: e^100 overflows fp32, so this checks the shifts and clamps inside."""
+    torch.manual_seed(14)
+    B, D = 12, 8
+    y = torch.arange(B) % 3
+    y2 = y.roll(1)
+    q, k = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    k[:4] = q[:4]  # a few near-identical pairs: logits at the top of the range
+    gates = torch.rand(B, D, dtype=torch.float64) * 0.98 + 0.01
+    ref = brute_force_loss(q, k, y, y2, gates, 0.01)
+    qf, kf, gf = (t.float().requires_grad_() for t in (q, k, gates))
+    ours = simlap.simlap_loss(qf, kf, y, y2, gf, 0.01)
+    ours.backward()
+    assert torch.allclose(ours.double(), ref, rtol=1e-4), (ours, ref)
+    assert all(torch.isfinite(t.grad).all() for t in (qf, kf, gf))
+
+
 def test_loss_backward_passes_gradcheck():
     """Finite differences on the hand-written backward, with anchors lacking negatives or positives."""
     g = torch.Generator().manual_seed(11)
