@@ -413,7 +413,7 @@ def main(argv=None):
         res["collapse"][name] = {"effective_rank": effective_rank(s), "dim": e.shape[1], "singular_values": s.tolist()}
     res["similarity"] = similarity_overlap(test_f, test_y)
 
-    if model is not None and not info.get("no_filter"):  # the baselines (--no-filter) train no filter
+    if model is not None and info.get("method", "simlap") in simlap.FILTER_METHODS:  # the others train no filter
         # Ground truth: the attributes of the classes the filter was trained on. So it needs a synthetic training
         # set; the eval set plays no part in the gates.
         attributes = None

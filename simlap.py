@@ -6,9 +6,10 @@
     loss          : InfoNCE on g ⊙ z      (simlap_loss, eq. 2)
 
 Any two classes may be a positive pair: the filter opens the subspace where the two share features, and
-samples of neither class are the negatives. The paper's baselines are the same code (SimLAP(pairs=, use_filter=)):
-SimCLR = ('instance', no filter), SupCon = ('identical', no filter), "SupCon with arbitrary pairs" =
-('arbitrary', no filter). train.py and eval.py import everything they share from here.
+samples of neither class are the negatives. The paper's baselines are SimLAP(method=...) too: 'supcon'
+(supcon_loss, Khosla et al.), 'simclr' (nt_xent_loss, Chen et al.), 'hydra' (NT-Xent + the SimLAP loss, as the
+authors' erow/hydra) and 'supcon-arbitrary' (the SimLAP loss with all-ones gates). train.py and eval.py import
+everything they share from here.
 """
 import argparse
 import hashlib
@@ -24,7 +25,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-PAIR_MODES = ("arbitrary", "identical", "distinct", "nearest", "instance")
+METHODS = ("simlap", "supcon", "simclr", "hydra", "supcon-arbitrary")
+PAIR_METHODS = ("simlap", "hydra", "supcon-arbitrary")  # the methods that draw partner classes (eq. 2)
+FILTER_METHODS = ("simlap", "hydra")  # the methods that train the feature filter
+PAIR_MODES = ("arbitrary", "arbitrary-uniform", "identical", "distinct", "nearest")
 ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
 FIXED_SIZE = ("synthetic", "cifar10", "cifar100", "stl10")  # every image the same size: cropped batched, on device
@@ -49,6 +53,20 @@ def gather(x, with_grad=False):
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x)
     return torch.cat(out)
+
+
+def instance_ids(n, device):
+    """Global ids of this rank's n images, unique across ranks (every rank holds n)."""
+    return torch.arange(n, device=device) + rank() * n
+
+
+def ddp_divisor(count):
+    """What a rank divides its loss sum by: the count summed over ranks / world size (at least 1 / world size).
+    DDP averages gradients over ranks, so the update then equals the single-process update on the global batch."""
+    if world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+    return count.clamp_min(1) / world_size()
 
 
 # ----------------------------------------------------------------------------------------------- networks
@@ -155,17 +173,21 @@ def sample_partners(y, mode="arbitrary", batch_labels=None, num_classes=None, cl
     (that anchor then has no positive and is left out of the loss).
 
     batch_labels: labels of every key in the global batch (default y); partners are drawn from these.
-      arbitrary  y2 uniform over the classes present (the paper's "randomly choose one label from a mini-batch")
-      identical  y2 = y1 (SupCon);  instance: y2 = y1 too (SimLAP swaps in instance ids, see SimLAP.forward)
-      distinct   y2 uniform over the classes present other than y1
-      nearest    y2 uniform over the n present classes closest to y1 under class_dist (K, K), ties at the
-                 n-th distance included; n = 0 means y1 itself (the paper's Fig. 8 "N-closest classes")
-    Sampling is argmax of masked uniform noise over a (B, K) mask: no host sync, no Python loop."""
-    if mode in ("identical", "instance") or (mode == "nearest" and n == 0):
+      arbitrary          y2 = the label of a uniformly random key, so classes come in proportion to their share of
+                         the batch (the authors' y2 = y[randperm(B)], erow/hydra; drawn independently per anchor)
+      arbitrary-uniform  y2 uniform over the classes present, whatever their share
+      identical          y2 = y1
+      distinct           y2 uniform over the classes present other than y1
+      nearest            y2 uniform over the n present classes closest to y1 under class_dist (K, K), ties at the
+                         n-th distance included; n = 0 means y1 itself (the paper's Fig. 8 "N-closest classes")
+    No host sync, no Python loop: a random index, or argmax of masked uniform noise over a (B, K) mask."""
+    if mode == "identical" or (mode == "nearest" and n == 0):
         return y.clone()
     if mode not in PAIR_MODES:
         raise ValueError(f"unknown pair mode {mode!r}; choose one of {', '.join(PAIR_MODES)}")
     batch_labels = y if batch_labels is None else batch_labels
+    if mode == "arbitrary":
+        return batch_labels[torch.randint(len(batch_labels), y.shape, generator=generator, device=y.device)]
     K = num_classes or (class_dist.shape[0] if class_dist is not None else int(batch_labels.max()) + 1)
     present = torch.zeros(K, dtype=torch.bool, device=y.device).index_fill_(0, batch_labels, True)
     allowed = present.expand(len(y), K).clone()  # (B, K)
@@ -181,22 +203,59 @@ def sample_partners(y, mode="arbitrary", batch_labels=None, num_classes=None, cl
 
 
 # ----------------------------------------------------------------------------------------------- loss
-def subspace_cosine(q, k, gates, eps=1e-8):
-    """s[i, j] = cos(g_i ⊙ q_i, g_i ⊙ k_j), re-normalised inside anchor i's subspace (eq. 2).
-    q (B, D), k (N, D), gates (B, D) -> (B, N) with two matrix products, never a (B, N, D) tensor:
-      <g_i⊙q_i, g_i⊙k_j> = ((g²⊙q) kᵀ)_ij      ‖g_i⊙k_j‖² = (g² (k⊙k)ᵀ)_ij"""
+def subspace_products(q, k, gates, scale=1.0, eps=1e-8):
+    """The two matrix products behind the subspace cosine of eq. 2, never a (B, N, D) tensor.
+    q (B, D), k (N, D), gates (B, D) -> dot, kn2 (B, N), with q, k unit-normalised and g = gates:
+      dot_ij = scale <g_i⊙q_i, g_i⊙k_j> / ‖g_i⊙q_i‖ = scale ((g²⊙q / ‖g⊙q‖) kᵀ)_ij
+      kn2_ij = ‖g_i⊙k_j‖² = (g² (k⊙k)ᵀ)_ij
+    so that dot_ij / sqrt(kn2_ij + eps²) = scale · cos(g_i⊙q_i, g_i⊙k_j). scale (1/τ in the loss) is applied to
+    the (B, D) factor, which is cheaper than to the (B, N) result."""
     # The cosine is invariant to rescaling g_i, so dividing by max(g_i) changes nothing but keeps g² from
     # underflowing when all gates are tiny. The scale is detached: its exact gradient is zero.
     g = gates / gates.amax(1, keepdim=True).detach().clamp_min(eps)
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     g2 = g * g
-    dot = (g2 * q) @ k.T  # (B, N)
-    k_norm = (g2 @ (k * k).T).clamp_min(eps * eps).sqrt()  # (B, N)
     q_norm = (g * q).norm(dim=1, keepdim=True).clamp_min(eps)  # (B, 1)
-    return dot / (q_norm * k_norm)
+    return (g2 * q * (scale / q_norm)) @ k.T, g2 @ (k * k).T
 
 
-def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, num_pairs=None):
+def subspace_cosine(q, k, gates, eps=1e-8):
+    """s[i, j] = cos(g_i ⊙ q_i, g_i ⊙ k_j), re-normalised inside anchor i's subspace (eq. 2): (B, N)."""
+    dot, kn2 = subspace_products(q, k, gates, eps=eps)
+    return dot * (kn2 + eps * eps).rsqrt()
+
+
+class _PairInfoNCE(torch.autograd.Function):
+    """Σ over positive pairs (i, p) of -log(e^{L_ip} / (e^{L_ip} + Σ_n e^{L_in})), L = dot / sqrt(kn2 + eps²), with
+    pos, neg (B, N) given as 0/1 floats. Forward and gradient are written out by hand, in few elementwise (B, N)
+    passes, most of them in place: autograd through masks, where and logaddexp took 1.5x the time (bench_loss).
+    On the CPU, arithmetic on float masks is also several times faster than where/masked_fill on bool masks."""
+
+    @staticmethod
+    def forward(ctx, dot, kn2, pos, neg, bound, eps):
+        rk = (kn2 + eps * eps).rsqrt_()  # 1 / ‖g_i⊙k_j‖
+        L = dot * rk  # logits s_ij / τ, |L| <= bound = 1/τ
+        # m_i ~ the largest negative logit (lifted by 3/τ, negatives top the row). Any shift gives the same value;
+        # this one keeps exp from overflowing or underflowing. The clamp only touches non-negatives (masked out).
+        m = torch.add(L, neg, alpha=3 * bound).amax(1, keepdim=True).sub_(3 * bound)  # (B, 1)
+        E = (L - m).clamp_max_(20).exp_().mul_(neg)  # e^{L_in - m_i} on negatives, 0 elsewhere
+        S = E.sum(1, keepdim=True)  # (B, 1)
+        x = (m + S.log() - L).clamp_min_(-80)  # log Σ_n e^{L_in} - L_ij (-inf without negatives: the term is 0)
+        ctx.save_for_backward(rk, L, E, S, x, pos)
+        # Σ over positives of softplus(x) = max(x, 0) - log σ(|x|): no inf anywhere, so the 0s of pos stay 0
+        pos = pos.flatten()
+        return torch.dot(x.relu().flatten(), pos) - torch.dot(x.abs().sigmoid_().log_().flatten(), pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rk, L, E, S, x, pos = ctx.saved_tensors
+        W = x.sigmoid().mul_(pos).mul_(grad)  # -∂/∂L_ip on positives; each also pulls Σ_n e^{L_in} down:
+        coef = W.sum(1, keepdim=True).div_(S.clamp_min(torch.finfo(S.dtype).tiny))  # ∂/∂L_in = E_in · coef_i
+        d_dot = (E * coef).sub_(W).mul_(rk)
+        return d_dot, (d_dot * L).mul_(rk).mul_(-0.5), None, None, None, None
+
+
+def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, num_pairs=None, eps=1e-8):
     """Universal contrastive loss, eq. 2, computed in fp32 (fp64 stays fp64) even under autocast.
 
     q (B, D) anchors (view 1), k (N, D) keys (view 2), y (B,) anchor labels, y2 (B,) partner classes,
@@ -204,79 +263,123 @@ def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, num_pairs=
     and their labels are gathered from all ranks while the anchors stay local.
     For anchor i: positives are keys with label y2[i], negatives keys whose label is neither y[i] nor y2[i]
     (keys of class y[i] that are not positives are ignored). Each (anchor, positive) pair contributes
-      -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n e^{s_in/τ}) )
-    and the loss is the mean over all pairs, or their sum / num_pairs if given (DDP: see SimLAP.forward).
-    Anchors without a positive (y2 = -1, or y2 absent from the keys) add nothing: never NaN.
-    Special case: y = y2 = instance ids and all-ones gates is SimCLR's cross-view InfoNCE."""
+      -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n e^{s_in/τ}) ),   s = subspace_cosine
+    and the loss is the mean over all pairs, or their sum / num_pairs if given (DDP: see SimLAP.pair_loss).
+    Anchors without a positive (y2 = -1, or y2 absent from the keys) add nothing: never NaN."""
     key_labels = y if key_labels is None else key_labels
     with torch.autocast(q.device.type, enabled=False):
         dt = torch.promote_types(q.dtype, torch.float32)
-        logits = subspace_cosine(q.to(dt), k.to(dt), gates.to(dt)) / temperature  # (B, N)
-        pos = y2[:, None] == key_labels[None, :]  # (B, N)
-        neg = (key_labels[None, :] != y[:, None]) & ~pos
-        # A finite fill (not -inf) keeps logsumexp's gradient finite when an anchor has no negative.
-        lse_neg = logits.masked_fill(~neg, torch.finfo(dt).min).logsumexp(1, keepdim=True)  # (B, 1)
-        per_pair = torch.logaddexp(logits, lse_neg) - logits  # (B, N), used where pos
-        total = torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum()
-        count = pos.sum().clamp_min(1) if num_pairs is None else num_pairs
-        return total / count
+        dot, kn2 = subspace_products(q.to(dt), k.to(dt), gates.to(dt), 1 / temperature, eps)  # (B, N) each
+        pos = torch.eq(y2[:, None], key_labels[None, :], out=torch.empty_like(dot))  # (B, N) 0/1
+        neg = torch.eq(y[:, None], key_labels[None, :], out=torch.empty_like(dot))
+        neg = torch.maximum(neg, pos, out=neg).neg_().add_(1)  # neither class y_i nor y2_i
+        total = _PairInfoNCE.apply(dot, kn2, pos, neg, 1 / temperature, eps)
+        return total / (pos.sum().clamp_min(1) if num_pairs is None else num_pairs)
+
+
+def supcon_loss(z, y, temperature=0.1):
+    """Supervised contrastive loss L_out (Khosla et al. 2020, eq. 2), in fp32 (fp64 stays fp64) even under autocast.
+
+    z (M, D): every view of this rank's images (two views: M = 2B, z = cat([z1, z2]), y = cat([y, y])), y (M,)
+    their labels. Each view i is an anchor against all views of the global batch (gathered with gradient):
+      ℓ_i = -1/|P(i)| Σ_{p∈P(i)} log( e^{s_ip/τ} / Σ_{a∈A(i)} e^{s_ia/τ} ),   s = cosine,
+    A(i) every view but i itself, P(i) those of A(i) with label y_i. The loss is the mean of ℓ_i over anchors with
+    a positive; anchors without one add nothing (never NaN). Under DDP (every rank holds M views) the divisor is
+    ddp_divisor's. Unlike
+    SupContrast's code there is no hidden τ / base_τ factor. Instance ids for y give SimCLR: nt_xent_loss."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+        keys, key_y = gather(z, with_grad=True), gather(y)  # (N, D), (N,): N = M x world size
+        logits = z @ keys.T / temperature  # (M, N)
+        me = (torch.arange(len(z), device=z.device) + rank() * len(z))[:, None]  # each anchor's own column
+        # A finite fill (not -inf) for the anchor itself keeps the gradient finite even with a single view.
+        lse = logits.scatter(1, me, torch.finfo(logits.dtype).min).logsumexp(1)  # log Σ_{a∈A(i)} e^{s_ia/τ}
+        pos = (y[:, None] == key_y[None, :]).scatter_(1, me, False)  # P(i)
+        num_pos = pos.sum(1)
+        loss = lse - (logits * pos).sum(1) / num_pos.clamp_min(1)  # (M,): ℓ_i
+        has_pos = num_pos > 0
+        return torch.where(has_pos, loss, 0).sum() / ddp_divisor(has_pos.sum())
+
+
+def nt_xent_loss(z1, z2, temperature=0.1):
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1), in fp32 even under autocast. z1, z2 (B, D): the two views of
+    this rank's images. Each of the 2B views of the global batch is an anchor with its other view j(i) as the
+    only positive and every other view as a candidate (2B - 1 in all):
+      ℓ_i = -log( e^{s_{i,j(i)}/τ} / Σ_{a≠i} e^{s_ia/τ} ),   s = cosine,   loss = mean over the 2B anchors.
+    It is supcon_loss with instance ids for labels."""
+    ids = instance_ids(len(z1), z1.device)
+    return supcon_loss(torch.cat([z1, z2]), torch.cat([ids, ids]), temperature)
 
 
 # ----------------------------------------------------------------------------------------------- model
 class SimLAP(nn.Module):
-    """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats). Works unchanged under DDP:
-    anchors stay local, keys and labels are gathered from all ranks with gradient."""
+    """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats). The loss, by method:
+      simlap            simlap_loss (eq. 2) on drawn partner pairs (pairs=), gates g(y1, y2) from the filter
+      supcon-arbitrary  the same pairs with all-ones gates (the paper's "SupCon with arbitrary pairs")
+      hydra             (nt_xent_loss + beta · the simlap loss) / (1 + beta), as erow/hydra's moco/builder.py
+      supcon, simclr    supcon_loss, nt_xent_loss: no partners, no filter
+    Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks with gradient."""
 
     def __init__(self, arch="resnet18", num_classes=16, small_images=False, image_size=None, proj_hidden=2048,
-                 proj_dim=256, pairs="arbitrary", use_filter=True, temperature=0.1, gate_penalty=0.0,
+                 proj_dim=256, method="simlap", pairs="arbitrary", beta=1.0, temperature=0.1, gate_penalty=0.0,
                  class_dist=None, nearest_n=1):
         super().__init__()
-        if pairs not in PAIR_MODES:
-            raise ValueError(f"unknown pair mode {pairs!r}; choose one of {', '.join(PAIR_MODES)}")
-        if pairs == "nearest" and class_dist is None:
+        for name, value, allowed in (("method", method, METHODS), ("pair mode", pairs, PAIR_MODES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if method in PAIR_METHODS and pairs == "nearest" and class_dist is None:
             raise ValueError("pairs='nearest' needs a (K, K) class_dist")
         self.backbone, self.feature_dim = build_backbone(arch, small_images, image_size)
         self.projector = Projector(self.feature_dim, proj_hidden, proj_dim)
-        self.filter = FeatureFilter(num_classes, proj_dim)  # kept without use_filter, so checkpoints match
-        self.num_classes, self.pairs, self.use_filter = num_classes, pairs, use_filter
+        self.filter = FeatureFilter(num_classes, proj_dim)  # kept by every method, so checkpoints match
+        self.num_classes, self.method, self.pairs, self.beta = num_classes, method, pairs, beta
+        self.use_filter = method in FILTER_METHODS
         self.temperature, self.gate_penalty, self.nearest_n = temperature, gate_penalty, nearest_n
         self.register_buffer("class_dist", class_dist.float() if class_dist is not None else None, persistent=False)
         self.generator = None  # torch.Generator for partner sampling (train.py sets and checkpoints it)
-        if not use_filter:
+        if not self.use_filter:
             self.filter.requires_grad_(False)  # unused: keeps DDP and the optimizer away from it
 
     def forward(self, x1, x2, y, y2=None, stats=False):
         """x1, x2 (B, 3, H, W) two views, y (B,) labels; y2 (B,) overrides the sampled partners.
         stats=True also returns plain floats (one host sync); training asks for them every few steps only."""
-        B = len(y)
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).float().chunk(2)  # (B, D) each
-        k1, k2 = gather(z1, with_grad=True), gather(z2, with_grad=True)  # (W*B, D): keys from every rank
-        key_y = gather(y)
-        if y2 is None:
-            y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
-                                 self.generator)
-        gates = self.filter(y, y2.clamp_min(0)) if self.use_filter else torch.ones_like(z1)  # (B, D)
-        if self.pairs == "instance":  # the only positive is the anchor's own other view: labels = global ids
-            y = y2 = torch.arange(B, device=y.device) + rank() * B
-            key_y = gather(y)
-        # DDP averages gradients over ranks, so each rank divides its pair sum by (global pairs / world size):
-        # the update then equals the single-process update on the global batch.
-        num_pairs = (y2[:, None] == key_y[None, :]).sum()
-        if world_size() > 1:
-            dist.all_reduce(num_pairs)
-        num_pairs = num_pairs.clamp_min(1) / world_size()
-        loss = (simlap_loss(z1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
-                + simlap_loss(z2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
-        if self.gate_penalty > 0:
+        key_y, gates = gather(y), torch.ones_like(z1)  # labels of the global batch; all-ones gates: the full space
+        if self.method == "supcon":
+            loss = supcon_loss(torch.cat([z1, z2]), torch.cat([y, y]), self.temperature)
+        elif self.method == "simclr":
+            loss = nt_xent_loss(z1, z2, self.temperature)
+        else:
+            if y2 is None:
+                y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
+                                     self.generator)
+            if self.use_filter:
+                gates = self.filter(y, y2.clamp_min(0))  # (B, D)
+            loss = self.pair_loss(z1, z2, y, y2, key_y, gates)
+        if self.method == "hydra":
+            # Instance loss: SimCLR's NT-Xent, since the paper's Hydra is "SimCLR + feature filter". The authors'
+            # builder uses MoCo v3's cross-view InfoNCE against a momentum encoder, which this code does not have.
+            loss = (nt_xent_loss(z1, z2, self.temperature) + self.beta * loss) / (1 + self.beta)
+        if self.gate_penalty > 0 and self.use_filter:
             loss = loss + self.gate_penalty * gate_penalty(self.filter)
         if not stats:
             return loss, {}
-        with torch.no_grad():
-            pos = y2[:, None] == key_y[None, :]
-            sim = subspace_cosine(z1, k2, gates)
+        with torch.no_grad():  # the positives of view-1 anchors among the view-2 keys, as this method has them
+            if self.method == "simclr":
+                y = instance_ids(len(y), y.device)
+                key_y = gather(y)
+            pos = (y if self.method in ("supcon", "simclr") else y2)[:, None] == key_y[None, :]
+            sim = subspace_cosine(z1, gather(z2), gates)
             values = torch.stack([loss.detach().float(), (gates > 0.5).float().sum(1).mean(), gate_entropy(gates),
                                   (sim * pos).sum() / pos.sum().clamp_min(1)]).tolist()
         return loss, dict(zip(("loss", "gate_open", "gate_entropy", "pos_sim"), values))
+
+    def pair_loss(self, z1, z2, y, y2, key_y, gates):
+        """simlap_loss, symmetric in the two views; every rank divides by its share of the global pair count."""
+        k1, k2 = gather(z1, with_grad=True), gather(z2, with_grad=True)  # (W*B, D): keys from every rank
+        num_pairs = ddp_divisor((y2[:, None] == key_y[None, :]).sum())
+        return (simlap_loss(z1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
+                + simlap_loss(z2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
 
 
 # ----------------------------------------------------------------------------------------------- optimizer

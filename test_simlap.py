@@ -39,7 +39,7 @@ def brute_force_loss(q, k, y, y2, gates, tau):
 
 
 @pytest.mark.parametrize("layout", ["random", "two_classes", "one_anchor_per_class", "partner_is_self"])
-def test_loss_equals_brute_force(layout):
+def test_loss_and_gradient_equal_brute_force(layout):
     torch.manual_seed(0)
     B, D, K = 12, 8, 4
     y = {"random": torch.randint(0, K, (B,)), "two_classes": torch.arange(B) % 2,
@@ -48,9 +48,40 @@ def test_loss_equals_brute_force(layout):
     q, k = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
     gates = torch.rand(B, D, dtype=torch.float64) * 0.98 + 0.01
     for tau in (0.1, 0.5):
-        ours = simlap.simlap_loss(q, k, y, y2, gates, tau)
+        ours = simlap.simlap_loss(*(t.requires_grad_() for t in (q, k)), y, y2, gates.requires_grad_(), tau)
         ref = brute_force_loss(q, k, y, y2, gates, tau)
         assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (layout, tau, ours, ref)
+        # the hand-written backward against autograd through the brute force
+        for a, b, name in zip(torch.autograd.grad(ours, (q, k, gates)), torch.autograd.grad(ref, (q, k, gates)),
+                              "q k gates".split()):
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (layout, tau, name)
+
+
+def test_loss_in_fp32_at_small_temperature_matches_fp64_brute_force():
+    """τ = 0.01 puts logits in [-100, 100]: e^100 overflows fp32, so this checks the shifts and clamps inside."""
+    torch.manual_seed(14)
+    B, D = 12, 8
+    y = torch.arange(B) % 3
+    y2 = y.roll(1)
+    q, k = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    k[:4] = q[:4]  # a few near-identical pairs: logits at the top of the range
+    gates = torch.rand(B, D, dtype=torch.float64) * 0.98 + 0.01
+    ref = brute_force_loss(q, k, y, y2, gates, 0.01)
+    qf, kf, gf = (t.float().requires_grad_() for t in (q, k, gates))
+    ours = simlap.simlap_loss(qf, kf, y, y2, gf, 0.01)
+    ours.backward()
+    assert torch.allclose(ours.double(), ref, rtol=1e-4), (ours, ref)
+    assert all(torch.isfinite(t.grad).all() for t in (qf, kf, gf))
+
+
+def test_loss_backward_passes_gradcheck():
+    """Finite differences on the hand-written backward, with anchors lacking negatives or positives."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(7, 4, dtype=torch.float64, generator=g)
+    gates = torch.rand(5, 4, dtype=torch.float64, generator=g) * 0.9 + 0.05
+    y, key_y, y2 = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 1, 2, 0, 1, 1, 0]), torch.tensor([1, 0, 2, 9, 1])
+    fn = lambda q, k, gates: simlap.simlap_loss(q, k, y, y2, gates, 0.3, key_labels=key_y)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (q, k, gates)))
 
 
 def test_loss_with_gathered_keys_and_absent_partners():
@@ -72,7 +103,7 @@ def test_loss_with_gathered_keys_and_absent_partners():
     assert torch.allclose(ours, torch.stack(terms).mean(), atol=1e-6)
 
 
-def test_instance_mode_is_cross_view_infonce():
+def test_loss_with_instance_labels_is_cross_view_infonce():
     torch.manual_seed(2)
     B, D = 16, 32
     q, k = torch.randn(B, D), torch.randn(B, D)
@@ -82,17 +113,80 @@ def test_instance_mode_is_cross_view_infonce():
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
-def test_model_instance_mode_without_filter_is_simclr():
-    """SimLAP(pairs='instance', use_filter=False) computes SimCLR's symmetric cross-view InfoNCE."""
+def brute_force_supcon(z, y, tau):
+    """Khosla et al. L_out, one anchor at a time: A(i) = all views but i, P(i) = those with label y_i."""
+    terms = []
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        positives = [p for p in others if y[p] == y[i]]
+        if not positives:
+            continue
+        sims = {a: F.cosine_similarity(z[i], z[a], dim=0) / tau for a in others}
+        denom = sum(torch.exp(sims[a]) for a in others)
+        terms.append(-sum(torch.log(torch.exp(sims[p]) / denom) for p in positives) / len(positives))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("labels", ["classes", "singletons"])
+def test_supcon_loss_equals_brute_force(labels):
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(10, 6, dtype=torch.float64, generator=g, requires_grad=True)  # e.g. 2 views x 5 images
+    # singletons: labels 7, 8, 9 appear once, so those anchors have no positive and must add nothing
+    y = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 0, 1] if labels == "classes" else [0, 1, 0, 1, 2, 2, 3, 7, 8, 9])
+    for tau in (0.1, 0.7):
+        ours, ref = simlap.supcon_loss(z, y, tau), brute_force_supcon(z, y, tau)
+        assert torch.allclose(ours, ref, atol=1e-10), (ours, ref)
+        assert torch.allclose(*(torch.autograd.grad(v, z)[0] for v in (ours, ref)), atol=1e-10)
+
+
+def test_nt_xent_loss_equals_brute_force_and_runs_in_fp32():
+    g = torch.Generator().manual_seed(13)
+    B, tau = 6, 0.2
+    z1, z2 = (torch.randn(B, 5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    z = torch.cat([z1, z2])
+    terms = []  # 2B anchors; view i's positive is its other view, every other view (2B - 1) a candidate
+    for i in range(2 * B):
+        sims = [F.cosine_similarity(z[i], z[a], dim=0) / tau for a in range(2 * B)]
+        denom = sum(torch.exp(sims[a]) for a in range(2 * B) if a != i)
+        terms.append(-torch.log(torch.exp(sims[(i + B) % (2 * B)]) / denom))
+    ours, ref = simlap.nt_xent_loss(z1, z2, tau), torch.stack(terms).mean()
+    assert torch.allclose(ours, ref, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(torch.autograd.grad(ours, (z1, z2)),
+                                                                  torch.autograd.grad(ref, (z1, z2))))
+    with torch.autocast("cpu", torch.bfloat16):
+        for loss in (simlap.nt_xent_loss(z1.float() * 1, z2.float() * 1),
+                     simlap.supcon_loss(torch.cat([z1, z2]).float() * 1, torch.arange(2 * B) % 3)):
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def tiny_model(method, **kw):
+    return simlap.SimLAP("resnet18", 4, small_images=True, proj_hidden=32, proj_dim=16, method=method, **kw).eval()
+
+
+def test_model_methods_compute_their_losses():
+    """Each method's forward against the loss functions on the same projections (eval mode: BN is fixed)."""
     torch.manual_seed(3)
-    m = simlap.SimLAP("resnet18", 4, small_images=True, proj_hidden=32, proj_dim=16, pairs="instance",
-                      use_filter=False).eval()
     x1, x2, y = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8), torch.tensor([0, 0, 1, 1, 2, 2])
-    loss, _ = m(x1, x2, y)
-    z1, z2 = F.normalize(m.projector(m.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
-    ids = torch.arange(6)
-    ref = (F.cross_entropy(z1 @ z2.T / 0.1, ids) + F.cross_entropy(z2 @ z1.T / 0.1, ids)) / 2
-    assert torch.allclose(loss, ref, atol=1e-5)
+    y2 = torch.tensor([1, 2, 0, 0, 1, 2])
+    m = tiny_model("simlap")
+    state = m.state_dict()
+    z1, z2 = m.projector(m.backbone(torch.cat([x1, x2]))).chunk(2)
+    def pair(gates):
+        return (simlap.simlap_loss(z1, z2, y, y2, gates) + simlap.simlap_loss(z2, z1, y, y2, gates)) / 2
+
+    expected = {"simlap": pair(m.filter(y, y2)), "supcon-arbitrary": pair(torch.ones(6, 16)),
+                "supcon": simlap.supcon_loss(torch.cat([z1, z2]), torch.cat([y, y])),
+                "simclr": simlap.nt_xent_loss(z1, z2),
+                "hydra": (simlap.nt_xent_loss(z1, z2) + 0.3 * pair(m.filter(y, y2))) / 1.3}
+    for method, ref in expected.items():
+        model = tiny_model(method, beta=0.3)
+        model.load_state_dict(state)
+        loss, stats = model(x1, x2, y, y2, stats=True)
+        assert torch.allclose(loss, ref, atol=1e-6), method
+        assert (stats["gate_open"] == 16) == (method not in simlap.FILTER_METHODS), method
+        assert model.filter.embed.weight.requires_grad == (method in simlap.FILTER_METHODS), method
+        if method == "simclr":  # the stats' positives: the other view of each image, nothing else
+            assert stats["pos_sim"] == pytest.approx(F.cosine_similarity(z1, z2).mean().item(), abs=1e-5)
 
 
 def test_all_ones_gates_give_ordinary_cosine():
@@ -199,10 +293,10 @@ def test_pair_sampler_guarantees():
     gen = torch.Generator().manual_seed(0)
     y = torch.tensor([0, 0, 1, 1, 3, 3, 3, 5])
     present = set(y.tolist())
-    for mode in ("arbitrary", "identical", "distinct", "instance"):
+    for mode in ("arbitrary", "arbitrary-uniform", "identical", "distinct"):
         y2 = simlap.sample_partners(y, mode, num_classes=6, generator=gen)
         assert set(y2.tolist()) <= present, mode
-        if mode in ("identical", "instance"):
+        if mode == "identical":
             assert torch.equal(y2, y)
         if mode == "distinct":
             assert (y2 != y).all()
@@ -212,18 +306,30 @@ def test_pair_sampler_guarantees():
     y2 = simlap.sample_partners(torch.zeros(64, dtype=torch.long), "distinct", batch_labels=torch.tensor([0, 7]),
                                 num_classes=8, generator=gen)
     assert (y2 == 7).all()
+    y2 = simlap.sample_partners(torch.zeros(64, dtype=torch.long), batch_labels=torch.tensor([5, 7]), generator=gen)
+    assert set(y2.tolist()) == {5, 7}
     # reproducible from a generator
     a = simlap.sample_partners(y, generator=torch.Generator().manual_seed(5), num_classes=6)
     b = simlap.sample_partners(y, generator=torch.Generator().manual_seed(5), num_classes=6)
     assert torch.equal(a, b)
 
 
-def test_arbitrary_partners_are_uniform_over_present_classes():
-    """y2 is uniform over the classes present, not over samples: class 0 holds 90% of the batch."""
-    y = torch.tensor([0] * 90 + [1] * 5 + [2] * 5)
-    y2 = torch.cat([simlap.sample_partners(y, generator=torch.Generator().manual_seed(s)) for s in range(60)])
-    freq = torch.bincount(y2, minlength=3).float() / len(y2)  # 6000 draws; sd of a share ~ 0.006
-    assert (freq - 1 / 3).abs().max() < 0.03, freq
+def test_arbitrary_partners_follow_class_frequency_and_uniform_mode_does_not():
+    """One class of 200 + 56 singletons. arbitrary (the authors' draw: the label of a random sample) gives
+    P(y2 = y1) = (200² + 56) / 256² = 0.611; arbitrary-uniform (uniform over the 57 classes) 1/57 = 0.018."""
+    y = torch.cat([torch.zeros(200, dtype=torch.long), torch.arange(1, 57)])
+    gen = torch.Generator().manual_seed(0)
+    draws = 40  # 10 240 anchors per mode: sd of P(y2 = y1) ~ 0.005 (arbitrary), ~ 0.0013 (uniform)
+    same = {mode: torch.stack([simlap.sample_partners(y, mode, generator=gen) == y for _ in range(draws)]).float()
+            for mode in ("arbitrary", "arbitrary-uniform")}
+    assert abs(same["arbitrary"].mean().item() - (200 ** 2 + 56) / 256 ** 2) < 0.025
+    assert abs(same["arbitrary-uniform"].mean().item() - 1 / 57) < 0.007
+    # per anchor class: arbitrary gives a big-class anchor itself 200/256 of the time, a singleton 1/256
+    assert abs(same["arbitrary"][:, :200].mean().item() - 200 / 256) < 0.025
+    assert same["arbitrary"][:, 200:].mean().item() < 0.02
+    # and the partners' classes in proportion to the batch: class 0 in 78 % of all draws
+    y2 = torch.cat([simlap.sample_partners(y, generator=gen) for _ in range(draws)])
+    assert abs((y2 == 0).float().mean().item() - 200 / 256) < 0.025
 
 
 def test_nearest_partners_respect_distance_and_presence():
@@ -395,11 +501,11 @@ def run_train(*args, workers=0):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
 
 
-def toy_model():
+def toy_model(method="simlap"):
     """A SimLAP whose encoder and projector hold no BatchNorm, and whose filter BN uses fixed statistics:
     then 2 processes with B/2 each must compute exactly what 1 process computes with B."""
     torch.manual_seed(0)
-    m = simlap.SimLAP("resnet18", 5, small_images=True, proj_hidden=16, proj_dim=8)
+    m = simlap.SimLAP("resnet18", 5, small_images=True, proj_hidden=16, proj_dim=8, method=method, beta=0.5)
     m.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 12))
     m.projector = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.LayerNorm(8))
     m.filter.mlp[0].eval(), m.filter.mlp[3].eval()
@@ -422,32 +528,38 @@ def one_step(model, x1, x2, y, y2):
     return loss.detach()
 
 
+DDP_METHODS = ("simlap", "supcon", "simclr", "hydra")
+
+
 def _ddp_worker(r, world, port, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
-    model = toy_model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    x1, x2, y, y2 = (t.chunk(world)[r] for t in ddp_data())
-    loss = one_step(ddp, x1, x2, y, y2)
-    dist.all_reduce(loss)
-    torch.save({"loss": loss / world, "params": model.state_dict()}, f"{out}.{r}")
+    for method in DDP_METHODS:
+        model = toy_model(method)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x1, x2, y, y2 = (t.chunk(world)[r] for t in ddp_data())
+        loss = one_step(ddp, x1, x2, y, y2)
+        dist.all_reduce(loss)
+        torch.save({"loss": loss / world, "params": model.state_dict()}, f"{out}.{method}.{r}")
     dist.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
+    """Every loss (keys gathered with gradient, anchors local) gives the single-process update on the global batch."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
-    model = toy_model()
-    loss = one_step(model, *ddp_data())
-    for r in range(2):
-        got = torch.load(tmp_path / f"ddp.{r}", weights_only=True)
-        assert torch.allclose(got["loss"], loss, atol=1e-5), (got["loss"], loss)
-        for name, p in model.state_dict().items():
-            assert torch.allclose(got["params"][name], p, atol=1e-5), name
-    assert not torch.equal(model.backbone[1].weight, toy_model().backbone[1].weight)  # the step did move
+    for method in DDP_METHODS:
+        model = toy_model(method)
+        loss = one_step(model, *ddp_data())
+        for r in range(2):
+            got = torch.load(tmp_path / f"ddp.{method}.{r}", weights_only=True)
+            assert torch.allclose(got["loss"], loss, atol=1e-5), (method, got["loss"], loss)
+            for name, p in model.state_dict().items():
+                assert torch.allclose(got["params"][name], p, atol=1e-5), (method, name)
+        assert not torch.equal(model.backbone[1].weight, toy_model().backbone[1].weight), method  # the step moved
 
 
 def test_resume_is_exact_and_outputs_load(tmp_path):
@@ -524,6 +636,11 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
              "other arch": ["--output-dir", str(good), "--arch", "resnet50"],
              "other projector": ["--output-dir", str(good), "--proj-dim", "16"],
              "bad distances": ["--output-dir", str(good), "--pairs", "nearest", "--class-distances", str(afile)],
+             "other method": ["--output-dir", str(good), "--method", "hydra"],
+             "other pairs": ["--output-dir", str(good), "--pairs", "arbitrary-uniform"],
+             "pairs without partners": ["--method", "supcon", "--pairs", "distinct"],
+             "beta without hydra": ["--beta", "0.5"],
+             "negative beta": ["--method", "hydra", "--beta", "-1"],
              "unwritable output": ["--output-dir", str(afile / "sub")],
              "repeated class id": ["--synthetic-classes", "1,1,2"],
              "class id out of range": ["--synthetic-classes", "3,16"],
@@ -534,6 +651,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
             train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
         assert "\n" not in str(e.value) and len(str(e.value)) > 20, name
     assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before  # nothing overwritten
+
+
+def test_method_flags_resolve_and_name_the_output_dir():
+    a = train.parse_args([])
+    assert (a.method, a.pairs, a.beta, a.output_dir) == ("simlap", "arbitrary", None, "runs/synthetic-convnet-simlap")
+    a = train.parse_args(["--method", "hydra", "--pairs", "distinct"])
+    assert (a.pairs, a.beta, a.output_dir) == ("distinct", 1.0, "runs/synthetic-convnet-hydra-distinct")
+    a = train.parse_args(["--method", "supcon"])  # draws no partners: no pairs recorded
+    assert (a.pairs, a.beta, a.output_dir) == (None, None, "runs/synthetic-convnet-supcon")
 
 
 def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
@@ -557,7 +683,7 @@ def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- eval.py
 TRAIN_ARGS = {"arch": "resnet18", "dataset": "synthetic", "data": None, "image_size": 16, "num_classes": 16,
-              "proj_dim": 32, "proj_hidden": 64, "small_images": True}
+              "proj_dim": 32, "proj_hidden": 64, "small_images": True, "method": "simlap"}
 EVAL_TINY = ["--synthetic-per-class", "2", "--image-size", "16", "--batch-size", "64", "--workers", "0",
         "--probe-iters", "20", "--device", "cpu"]
 
@@ -751,6 +877,14 @@ def test_eval_end_to_end(tmp_path, weights):
     with pytest.raises(ev.UserError, match="cache-features"):  # features of another image size: refused
         ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--image-size", "32", "--cache-features",
                  cache])
+
+
+def test_eval_skips_gates_of_a_method_without_filter(tmp_path, weights):
+    """The other side of test_eval_end_to_end (simlap: gates analysed): supcon-arbitrary trains no filter."""
+    ckpt = torch.load(weights / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "method": "supcon-arbitrary"}}, tmp_path / "ckpt.pt")
+    res = ev.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *EVAL_TINY, "--k", "5", "--output-dir", str(tmp_path)])
+    assert "gates" not in res and "knn" in res and not os.path.exists(tmp_path / "gates.png")
 
 
 def bad_inputs(tmp_path, weights):

@@ -7,7 +7,7 @@ The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 
     torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet \\
         --arch resnet50 --image-size 224 --batch-size 1024 --epochs 1000 --warmup-epochs 40 --base-lr 0.05 \\
         --weight-decay 1e-4 --temperature 0.1 --proj-dim 256 --workers 10 --knn-every 50
-Baselines: --pairs instance --no-filter (SimCLR), --pairs identical --no-filter (SupCon).
+Baselines: --method supcon | simclr | hydra | supcon-arbitrary (README: the paper's names -> commands).
 Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
@@ -66,8 +66,12 @@ def build_parser():
     a("--temperature", type=positive_float, default=0.1, help="tau of eq. 2 (default: 0.1)")
     a("--proj-dim", type=positive_int, default=256, help="projector output D (default: 256)")
     a("--proj-hidden", type=positive_int, default=2048, help="projector hidden width (default: 2048)")
-    a("--pairs", default="arbitrary", choices=simlap.PAIR_MODES, help="how partner classes are drawn (default: arbitrary)")
-    a("--no-filter", action="store_true", help="all-ones gates (the SimCLR / SupCon baselines)")
+    a("--method", default="simlap", choices=simlap.METHODS, help="loss: simlap (the paper's), supcon (Khosla et al.), "
+      "simclr (NT-Xent), hydra (NT-Xent + beta x SimLAP), supcon-arbitrary (SimLAP, all-ones gates) (default: simlap)")
+    a("--pairs", default=None, choices=simlap.PAIR_MODES, help="simlap, hydra, supcon-arbitrary: how partner classes "
+      "are drawn; arbitrary = the label of a random sample of the batch (default: arbitrary)")
+    a("--beta", type=nonneg_float, default=None,
+      help="hydra: loss = (NT-Xent + beta x SimLAP) / (1 + beta) (default: 1)")
     a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
       "(default on synthetic: the number of differing attributes)")
     a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
@@ -77,7 +81,7 @@ def build_parser():
     a("--seed", type=ranged(int, 0, 2 ** 20), default=0, help="seed, 0 to 2^20 (default: 0)")
     a("--labels", default=None, metavar="FILE", help="train on the pseudo labels in FILE (eval.py --kmeans K, "
       "appendix C) instead of the data set's, with K classes; the kNN monitor still uses the true labels")
-    a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<pairs>[-nofilter]")
+    a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<method>[-<pairs>, unless arbitrary]")
     a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
     a("--knn-every", type=nonneg_int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
     a("--knn-samples", type=ranged(int, 20), default=10000,
@@ -94,8 +98,14 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
-    args.output_dir = args.output_dir or os.path.join(
-        "runs", f"{args.dataset}-{args.arch}-{args.pairs}" + ("-nofilter" if args.no_filter else ""))
+    for flag, value, methods in (("--pairs", args.pairs, simlap.PAIR_METHODS), ("--beta", args.beta, ("hydra",))):
+        if value is not None and args.method not in methods:
+            raise UserError(f"{flag} applies to --method {' / '.join(methods)} only, not {args.method}; leave it out")
+    if args.method in simlap.PAIR_METHODS:  # None marks what a method does not use (args.json, checkpoints)
+        args.pairs = args.pairs or "arbitrary"
+    args.beta = (1.0 if args.beta is None else args.beta) if args.method == "hydra" else None
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}" + (
+        f"-{args.pairs}" if args.pairs not in (None, "arbitrary") else ""))
     if args.synthetic_classes is not None:
         if args.dataset != "synthetic":
             raise UserError("--synthetic-classes applies to --dataset synthetic only")
@@ -167,7 +177,8 @@ def load_checkpoint(path, args, num_classes):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
-    for key, now in (("arch", args.arch), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
+    for key, now in (("arch", args.arch), ("method", args.method), ("pairs", args.pairs), ("beta", args.beta),
+                     ("num_classes", num_classes), ("proj_dim", args.proj_dim),
                      ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
                      ("synthetic_classes", args.synthetic_classes), ("labels_fingerprint", args.labels_fingerprint)):
         if old.get(key) != now:
@@ -266,8 +277,8 @@ def main(argv=None):
 
     # ---- model and optimizer
     model = simlap.SimLAP(args.arch, num_classes, args.small_images, args.image_size, args.proj_hidden, args.proj_dim,
-                          args.pairs, not args.no_filter, args.temperature, args.gate_penalty, class_dist,
-                          args.nearest_n).to(device)
+                          args.method, args.pairs or "arbitrary", args.beta, args.temperature, args.gate_penalty,
+                          class_dist, args.nearest_n).to(device)
     model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
     memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
     model = model.to(memory_format=memory_format)

@@ -3,7 +3,7 @@ re-encodes the images every epoch.
 
     python benchmarks/bench_eval.py                   # kNN 50k x 10k x 512; probe on the synthetic set, 16 px
     python benchmarks/bench_eval.py --device cuda
-    python benchmarks/bench_eval.py --checkpoint runs/synthetic-resnet18-arbitrary/checkpoint.pt
+    python benchmarks/bench_eval.py --checkpoint runs/synthetic-convnet-simlap/checkpoint.pt
     python benchmarks/bench_eval.py --smoke           # tiny and quick, for CI
 
 kNN. Features: --bank x --queries Gaussian clusters in --dim dimensions (--classes centres, noise of the same

@@ -1,5 +1,5 @@
-"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR and SupCon, and of the
-data augmentation: the batched on-device two_views() against the per-image torchvision pipeline it replaced.
+"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR, SupCon and Hydra, and
+of the data augmentation: the batched on-device two_views() against the per-image torchvision pipeline it replaced.
 
     python benchmarks/bench_step.py                          # CPU: the demo's convnet, 32 px, batch 256
     python benchmarks/bench_step.py --device cuda            # GPU: resnet50, 224 px, batch 256, bf16, channels_last
@@ -7,20 +7,20 @@ data augmentation: the batched on-device two_views() against the per-image torch
     python benchmarks/bench_step.py --threads 1              # a busy shared CPU: 2 threads can be slower than 1
     python benchmarks/bench_step.py --smoke                  # tiny and quick, for CI
 
-The three modes are the same simlap.SimLAP model (same arch, image size, batch and initial weights), so the
-difference is only the pairing and the feature filter:
-    SimLAP  pairs='arbitrary', use_filter=True      SimCLR  pairs='instance', use_filter=False
-    SupCon  pairs='identical', use_filter=False
+The modes are the same simlap.SimLAP model (same arch, image size, batch and initial weights) with another
+method= (train.py's --method), so the difference is only the loss and the feature filter:
+    SimLAP  simlap (arbitrary pairs, filter)     SimCLR  simclr (NT-Xent)
+    SupCon  supcon (Khosla et al.)               Hydra   hydra (NT-Xent + SimLAP loss, filter)
 Inputs are random tensors already on the device (two views per image) with random labels from --classes classes:
-no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, SimLAP, ...), each round timing --steps
-steps per mode, so that drift of a shared machine hits all modes alike. Reported: median images/s over rounds
-(an image is two views), and SimLAP's step time over SimCLR's as the median of the per-round ratios. On CUDA the
-peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all three models resident.
+no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, Hydra, SimLAP, ...), each round timing
+--steps steps per mode, so that drift of a shared machine hits all modes alike. Reported: median images/s over
+rounds (an image is two views), and each mode's step time over SimCLR's as the median of the per-round ratios. On
+CUDA the peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all models resident.
 
 Augmentation (same rounds): two views of --batch-size uint8 synthetic images at --image-size, (a) one image at a time
-through the per-image torchvision v2 pipeline train.py used before (PER_IMAGE below), (b) simlap.two_views() on the
-whole batch on --device; and a full SimLAP step with each, augmentation included, in this one process (no loader
-workers, which on a GPU machine would run the per-image pipeline beside the model).
+through the per-image torchvision v2 pipeline train.py used before (per_image_pipeline below), (b) simlap.two_views()
+on the whole batch on --device; and a full SimLAP step with each, augmentation included, in this one process (no
+loader workers, which on a GPU machine would run the per-image pipeline beside the model).
 """
 import argparse
 import json
@@ -36,8 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
 from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
 
-MODES = {"SimLAP": dict(pairs="arbitrary", use_filter=True), "SimCLR": dict(pairs="instance", use_filter=False),
-         "SupCon": dict(pairs="identical", use_filter=False)}
+MODES = {"SimLAP": "simlap", "SimCLR": "simclr", "SupCon": "supcon", "Hydra": "hydra"}  # name -> method
 
 
 def per_image_pipeline(size):
@@ -113,11 +112,11 @@ def main():
                                    for x in simlap.two_views(images.to(device), keys.to(device), size)]}
 
     step_fns = {}
-    for name, mode in MODES.items():
+    for name, method in MODES.items():
         torch.manual_seed(0)  # same initial weights in every mode
         model = simlap.SimLAP(args.arch, args.classes, small, args.image_size, args.proj_hidden, args.proj_dim,
-                              **mode).to(device, memory_format=fmt).train()
-        opt = simlap.LARS(model.parameters(), lr=0.01, weight_decay=1e-6)
+                              method).to(device, memory_format=fmt).train()
+        opt = simlap.LARS([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=1e-6)
         forward = torch.compile(model) if args.compile else model
 
         def step(views=lambda: (x1, x2), forward=forward, opt=opt):

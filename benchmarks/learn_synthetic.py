@@ -8,11 +8,12 @@ Classes are (shape, colour) pairs, id = 4 x shape + colour. Training sees 12 of 
 {red, green} x {circle, square} (ids 0, 1, 4, 5) is held out. Every held-out shape and colour appears in training,
 only never in these combinations, and telling the 4 held-out classes apart needs both shape and colour.
 
-Every method is train.py itself (called in-process), with the same flags except the pairing and the filter:
-    SimLAP             --pairs arbitrary                the paper's method
-    SupCon             --pairs identical --no-filter    positives = same class
-    SimCLR             --pairs instance --no-filter     positives = the other view
-    SupCon-arbitrary   --pairs arbitrary --no-filter    arbitrary pairs without the filter (the paper: this breaks)
+Every method is train.py itself (called in-process), with the same flags except --method:
+    SimLAP             --method simlap             the paper's method (arbitrary pairs, feature filter)
+    SupCon             --method supcon             Khosla et al.'s L_out: positives = same class
+    SimCLR             --method simclr             NT-Xent: positives = the other view
+    SupCon-arbitrary   --method supcon-arbitrary   arbitrary pairs without the filter (the paper: this breaks)
+    Hydra              --method hydra              NT-Xent + the SimLAP loss (not run by default)
     untrained          no training: the randomly initialised network of that seed (the floor)
 Budget: ResNet-18 (small stem), 16 px, batch 64, 3 epochs over 100 images per seen class (54 steps), AdamW at
 lr 1e-3. Deviation from Table 5a, on purpose: at the paper's LARS rate 54 steps barely move the weights (see the
@@ -24,8 +25,8 @@ Measured on backbone features (eval mode) of every run:
     unseen    the same kNN and probe for the 4 held-out classes: bank / probe training set = 100 images per class,
               test = 50 per class (4-way, chance 25 %). No network weight ever saw these classes.
     rank      effective rank (eval.py) of the seen-test embeddings, backbone (of 512) and projector (of --proj-dim)
-    gates     SimLAP and untrained (its filter at step 0): eval.py's gate overlap for seen class pairs sharing an
-              attribute against pairs sharing none
+    gates     SimLAP, Hydra and untrained (its filter at step 0): eval.py's gate overlap for seen class pairs
+              sharing an attribute against pairs sharing none
 Reported as mean ± std (n-1) over seeds. Runs go to benchmarks/results/learn_synthetic/<method>-seed<s>/; a finished
 run is reused (train.py resumes from its checkpoint), so an interrupted benchmark continues where it stopped.
 Delete that folder to start over after changing a flag.
@@ -49,15 +50,16 @@ from common import add_output_flags, machine_info, write_json  # noqa: E402  (be
 
 UNSEEN = (0, 1, 4, 5)  # {red, green} x {circle, square}
 SEEN = tuple(i for i in range(16) if i not in UNSEEN)
-METHODS = {"SimLAP": ["--pairs", "arbitrary"], "SupCon": ["--pairs", "identical", "--no-filter"],
-           "SimCLR": ["--pairs", "instance", "--no-filter"],
-           "SupCon-arbitrary": ["--pairs", "arbitrary", "--no-filter"]}
+METHODS = {"SimLAP": "simlap", "SupCon": "supcon", "SimCLR": "simclr", "SupCon-arbitrary": "supcon-arbitrary",
+           "Hydra": "hydra"}  # name -> train.py --method
+DEFAULT_METHODS = ["SimLAP", "SupCon", "SimCLR", "SupCon-arbitrary"]
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                   help="methods to train (default: all four); the untrained floor is always measured")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                   help=f"methods to train (default: {' '.join(DEFAULT_METHODS)}); the untrained floor is always "
+                        "measured")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     p.add_argument("--epochs", type=int, default=3, help="default: 3")
     p.add_argument("--batch-size", type=int, default=64, help="default: 64")
@@ -86,7 +88,7 @@ def train_argv(args, method, seed, out_dir):
             "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--optimizer", "adamw", "--base-lr", str(args.lr * 256 / args.batch_size),  # train.py scales by batch
             "--proj-hidden", str(args.proj_hidden), "--proj-dim", str(args.proj_dim), "--workers", str(args.workers),
-            "--seed", str(seed), "--knn-every", "0", "--output-dir", out_dir, *METHODS[method]]
+            "--seed", str(seed), "--knn-every", "0", "--output-dir", out_dir, "--method", METHODS[method]]
 
 
 def eval_sets(args):
@@ -99,7 +101,7 @@ def eval_sets(args):
             shapes("test", args.eval_per_class, UNSEEN))
 
 
-def measure(model, sets):
+def measure(model, sets, gates):
     """Every number of one run, from the backbone features of the four eval sets."""
     loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=256)  # noqa: E731
     cpu = torch.device("cpu")
@@ -112,7 +114,7 @@ def measure(model, sets):
            "unseen_knn": knn(ub, uyb, ut, uyt), "unseen_probe": probe(ub, uyb, ut, uyt),
            "rank_backbone": evaluation.effective_rank(evaluation.singular_values(ft)),
            "rank_projector": evaluation.effective_rank(evaluation.singular_values(proj))}
-    if model.use_filter:
+    if gates:
         attributes = simlap.SyntheticShapes("train", 1, classes=SEEN).attributes
         g = evaluation.gate_analysis(evaluation.class_gates(model.filter), attributes=attributes)
         out.update(gate_overlap_shared=g["overlap_shared_attribute"], gate_overlap_none=g["overlap_no_shared_attribute"],
@@ -126,14 +128,14 @@ def run(args, method, seed, sets):
     if method == "untrained":  # the same constructor and seed as train.py's model, never trained
         torch.manual_seed(seed)
         model = simlap.SimLAP("resnet18", len(SEEN), True, args.image_size, args.proj_hidden, args.proj_dim)
-        # its filter is SimLAP's at step 0 (the baselines build the same weights and leave them unused)
+        gates = True  # its filter is SimLAP's at step 0 (the baselines build the same weights and leave them unused)
     else:
         with contextlib.redirect_stdout(sys.stderr):  # train.py's progress goes to stderr, the table to stdout
             train.main(train_argv(args, method, seed, out_dir))  # resumes (or skips) a run already there
         _, model, info = evaluation.load_weights(os.path.join(out_dir, "checkpoint.pt"))
-        model.use_filter = not info["no_filter"]
+        gates = info["method"] in simlap.FILTER_METHODS
     train_s = time.time() - tic
-    res = {"method": method, "seed": seed, "train_s": train_s, **measure(model, sets)}
+    res = {"method": method, "seed": seed, "train_s": train_s, **measure(model, sets, gates)}
     res["eval_s"] = time.time() - tic - train_s
     return res
 

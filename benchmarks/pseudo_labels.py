@@ -34,9 +34,7 @@ import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
 import train  # noqa: E402
 from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
 
-# train.py's method flags, kept here only (train.py is moving to --method simclr|supcon|simlap|hydra)
-METHODS = {"SimCLR": ["--pairs", "instance", "--no-filter"], "SupCon": ["--pairs", "identical", "--no-filter"],
-           "SimLAP": ["--pairs", "arbitrary"]}
+METHODS = {"SimCLR": ["--method", "simclr"], "SupCon": ["--method", "supcon"], "SimLAP": ["--method", "simlap"]}
 ROWS = (("SimCLR", "none"), ("SupCon", "pseudo"), ("SimLAP", "pseudo"), ("SupCon", "true"), ("SimLAP", "true"))
 
 
