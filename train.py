@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -147,7 +148,8 @@ def apply_defaults(args):
     lars = args.optimizer == "lars"
     args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
-    args.image_size = args.image_size or {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(args.dataset, 224)
+    native = {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
+    args.image_size = args.image_size or native.get(args.dataset, 224)
     return departures
 
 
@@ -210,25 +212,36 @@ def knn_monitor(model, train_raw, test_set, args, device):
     the train split seen through the eval transform."""
     train_set = simlap.Transformed(train_raw, simlap.eval_transform(args.image_size))
     gen = torch.Generator().manual_seed(0)
-    subset = lambda ds: torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist())  # noqa: E731
-    loaders = [torch.utils.data.DataLoader(subset(ds), batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
+    loaders = [torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist()),
+        batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
     (fb, yb), (ft, yt) = [simlap.extract_features(model.backbone, dl, device, desc="knn features") for dl in loaders]
     return (simlap.knn_classify(fb, yb, ft, k=20, T=0.07) == yt).float().mean().item()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "RANK" in os.environ
-    if distributed:
+    device = init_device()
+    torch.manual_seed(args.seed)
+    run = load_data(args)  # user errors surface here and in open_output_dir, before anything is written
+    ckpt = open_output_dir(args, run)
+    raw_model, model, opt, step = build_model(args, run, device, ckpt)
+    train(args, run, raw_model, model, opt, step, ckpt, device)
+    teardown()
+
+
+def init_device():
+    """One process, or one of torchrun's (RANK set): the process group, and this process's device."""
+    if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    main0 = rank() == 0
-    torch.manual_seed(args.seed)
+    return device
 
-    # ---- data (user errors surface here, before anything is written)
+
+def load_data(args):
+    """The splits, the training labels, the class distances of --pairs nearest, and the schedule -> a namespace."""
     try:
         synthetic = dict(synthetic_per_class=args.synthetic_per_class, synthetic_classes=args.synthetic_classes)
         train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download, **synthetic)
@@ -237,16 +250,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))
     labels, num_classes = training_labels(args, train_raw)  # the data set's, or pseudo labels (--labels)
-    per_gpu = args.batch_size // world_size()
     steps_per_epoch = len(train_raw) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_raw)} images)")
     if args.knn_every and len(train_raw) < 20:
         raise UserError(f"the kNN monitor (k = 20) needs at least 20 training images, not {len(train_raw)}; "
                         "pass --knn-every 0 or more data")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps // 10)
-    lr = args.base_lr * args.batch_size / 256
     class_dist = None
     if args.pairs == "nearest":
         if args.class_distances:
@@ -257,14 +266,24 @@ def main(argv=None):
         elif args.dataset == "synthetic" and labels is None:
             class_dist = train_raw.attribute_distance()
         if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
-            raise UserError(f"--pairs nearest needs --class-distances FILE holding a ({num_classes}, {num_classes}) tensor")
+            raise UserError(f"--pairs nearest needs --class-distances FILE holding a ({num_classes}, {num_classes}) "
+                            "tensor")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = min(round(args.warmup_epochs * steps_per_epoch), total_steps // 10)
+    derived = dict(lr=args.base_lr * args.batch_size / 256, per_gpu_batch=args.batch_size // world_size(),
+                   world_size=world_size(), num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, warmup_steps=warmup_steps)
+    return SimpleNamespace(train_raw=train_raw, test_set=test_set, labels=labels, class_dist=class_dist,
+                           meta={**vars(args), **derived}, **derived)
 
-    # ---- output directory and resume
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+
+def open_output_dir(args, run):
+    """The checkpoint to resume from (or None), a writable --output-dir, and rank 0's lock on it."""
+    run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    run.resume = args.resume or (run.ckpt_path if os.path.exists(run.ckpt_path) else None)
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file")
-    ckpt = load_checkpoint(resume, args, num_classes) if resume else None
+    ckpt = load_checkpoint(run.resume, args, run.num_classes) if run.resume else None
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         probe = os.path.join(args.output_dir, f".write-test{os.getpid()}")
@@ -272,67 +291,64 @@ def main(argv=None):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {args.output_dir} ({e.strerror})")
-    if main0:  # if refused, rank 0 exits and torchrun stops the other ranks
+    if rank() == 0:  # if refused, rank 0 exits and torchrun stops the other ranks
         lock_output_dir(args.output_dir)  # released by teardown(), or at exit
+    return ckpt
 
-    # ---- model and optimizer
-    model = simlap.SimLAP(args.arch, num_classes, args.small_images, args.image_size, args.proj_hidden, args.proj_dim,
-                          args.method, args.pairs or "arbitrary", args.beta, args.temperature, args.gate_penalty,
-                          class_dist, args.nearest_n).to(device)
+
+def build_model(args, run, device, ckpt):
+    """-> (the SimLAP module, the module to call (DDP / compiled), the optimizer, the step to start from)."""
+    model = simlap.SimLAP(args.arch, run.num_classes, args.small_images, args.image_size, args.proj_hidden,
+                          args.proj_dim, args.method, args.pairs or "arbitrary", args.beta, args.temperature,
+                          args.gate_penalty, run.class_dist, args.nearest_n).to(device)
     model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
-    memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
-    model = model.to(memory_format=memory_format)
+    run.memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
+    model = model.to(memory_format=run.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
-        opt = simlap.LARS(params, lr, args.weight_decay, args.momentum)
+        opt = simlap.LARS(params, run.lr, args.weight_decay, args.momentum)
     else:  # no weight decay on biases and norm weights, as LARS
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
                                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=lr, weight_decay=args.weight_decay)
+                                lr=run.lr, weight_decay=args.weight_decay)
     step = 0
     if ckpt:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
+            raise UserError(f"checkpoint {run.resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         states = ckpt["rng"]["partners"]  # one per rank; exact resume needs the same world size
         model.generator.set_state(states[rank() % len(states)])
-    raw_model = model
+    wrapped = model
     if world_size() > 1:
         if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+            wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, torch.compile(wrapped) if args.compile else wrapped, opt, step
 
+
+def train(args, run, raw_model, model, opt, step, ckpt, device):
+    """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
+    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt."""
+    main0 = rank() == 0
     # the loader decodes (and crops variable-size images); two_views() augments whole batches on the device
-    train_set = simlap.TwoViews(train_raw if labels is None else simlap.Relabelled(train_raw, labels),
+    train_set = simlap.TwoViews(run.train_raw if run.labels is None else simlap.Relabelled(run.train_raw, run.labels),
                                 args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
-    sampler = simlap.EpochSampler(len(train_set), per_gpu, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=per_gpu, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                                         drop_last=True)
-    derived = dict(lr=lr, per_gpu_batch=per_gpu, world_size=world_size(), num_classes=num_classes,
-                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps)
-    if main0:
-        print(f"SimLAP {args.arch} on {args.dataset} ({len(train_raw)} images, {num_classes} classes), "
-              f"{world_size()} x {per_gpu} = batch {args.batch_size}, effective lr {lr:g}, {total_steps} steps, "
-              f"device {device}" + (f", resuming at step {step} from {resume}" if ckpt else ""), flush=True)
-        if args.demo_departures:
-            print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in args.demo_departures.items()), flush=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump({**vars(args), **derived}, f, indent=1)
-    meta = {**vars(args), **derived}
+    sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0, drop_last=True)
+    announce(args, run, device, step)
 
     def save(path):
         partners = gather_states(raw_model.generator.get_state())  # a collective: every rank takes part
         if main0:
             save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
-                             epoch=step // steps_per_epoch, args=meta, knn_untrained=knn_untrained,
+                             epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=knn_untrained,
                              rng=dict(torch=torch.get_rng_state(), partners=partners)), path)
 
     def log(record):
@@ -340,27 +356,23 @@ def main(argv=None):
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # ---- train, after the kNN of the untrained network: the baseline that the trained kNN is read against
     knn_untrained = knn_last = ckpt.get("knn_untrained") if ckpt else None
     if args.knn_every and step == 0:
-        if main0:
-            knn_untrained = knn_monitor(raw_model, train_raw, test_set, args, device)
-            print(f"step 0 (untrained): kNN top-1 {100 * knn_untrained:.1f}%", flush=True)
+        knn_untrained = knn_on_rank0(raw_model, run, args, device, "step 0 (untrained)", print)
         log(dict(epoch=0, step=0, knn_top1=knn_untrained))
-        if world_size() > 1:
-            dist.barrier()
     start_step, nonfinite_step = step, torch.tensor(-1, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=total_steps, initial=step, disable=not main0, dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=step, disable=not main0, dynamic_ncols=True)
     tick, tick_step, stats = time.time(), step, {}
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=step - epoch * steps_per_epoch)
+    for epoch in range(step // run.steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
         model.train()
         for images, y, keys in loader:
             for group in opt.param_groups:
-                group["lr"] = get_lr(step, total_steps, warmup_steps, lr)
+                group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
             images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
-            x1, x2 = (x.contiguous(memory_format=memory_format) for x in simlap.two_views(images, keys, args.image_size))
+            x1, x2 = (x.contiguous(memory_format=run.memory_format)
+                      for x in simlap.two_views(images, keys, args.image_size))
             want_stats = (step + 1) % args.log_every == 0
             with torch.autocast(**amp):
                 loss, new_stats = model(x1, x2, y, stats=want_stats)
@@ -372,41 +384,65 @@ def main(argv=None):
             bar.update(1)
             if want_stats:  # the only host sync in the loop, every --log-every steps
                 check_finite(nonfinite_step)
-                stats = new_stats
                 ips = (step - tick_step) * args.batch_size / (time.time() - tick)
                 tick, tick_step = time.time(), step
-                stats.update(lr=opt.param_groups[0]["lr"], img_per_s=ips)
+                stats = dict(new_stats, lr=opt.param_groups[0]["lr"], img_per_s=ips)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
                                 gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
                 log(dict(step=step, epoch=epoch, **stats))
             if (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
                 check_finite(nonfinite_step)
-                save(ckpt_path)
+                save(run.ckpt_path)
             if step - start_step == args.stop_after:
                 bar.close()
                 if main0:
                     print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
-                teardown()
                 return
         check_finite(nonfinite_step)
         record = dict(epoch=epoch + 1, step=step, **stats)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            if main0:
-                record["knn_top1"] = knn_last = knn_monitor(raw_model, train_raw, test_set, args, device)
-                bar.write(f"epoch {epoch + 1}: kNN top-1 {100 * knn_last:.1f}%")
-            if world_size() > 1:
-                dist.barrier()
+            record["knn_top1"] = knn_last = knn_on_rank0(raw_model, run, args, device, f"epoch {epoch + 1}", bar.write)
         log(record)
-        save(ckpt_path)
+        save(run.ckpt_path)
     bar.close()
     if main0:
-        torch.save(raw_model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
-        into = (f"simlap.build_backbone('{args.arch}')" if not args.arch.startswith("resnet") else
-                f"torchvision's {args.arch} with fc=Identity" + (" after the small-image stem" if args.small_images else ""))
-        print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into {into})")
-        if knn_untrained is not None and knn_last is not None:
-            print(f"kNN top-1 on the test split: untrained {100 * knn_untrained:.1f}% -> trained {100 * knn_last:.1f}%")
-    teardown()
+        finish(args, raw_model, knn_untrained, knn_last)
+
+
+def announce(args, run, device, step):
+    """The start lines (derived values, the demo's departures from the paper's recipe), and args.json."""
+    if rank() != 0:
+        return
+    print(f"SimLAP {args.arch} on {args.dataset} ({len(run.train_raw)} images, {run.num_classes} classes), "
+          f"{world_size()} x {run.per_gpu_batch} = batch {args.batch_size}, effective lr {run.lr:g}, "
+          f"{run.total_steps} steps, device {device}" + (
+              f", resuming at step {step} from {run.resume}" if step else ""), flush=True)
+    if args.demo_departures:
+        print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in args.demo_departures.items()), flush=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(run.meta, f, indent=1)
+
+
+def knn_on_rank0(model, run, args, device, when, write):
+    """The kNN monitor on rank 0 (the others wait): -> its top-1 on rank 0, None elsewhere."""
+    top1 = None
+    if rank() == 0:
+        top1 = knn_monitor(model, run.train_raw, run.test_set, args, device)
+        write(f"{when}: kNN top-1 {100 * top1:.1f}%")
+    if world_size() > 1:
+        dist.barrier()
+    return top1
+
+
+def finish(args, model, knn_untrained, knn_last):
+    torch.save(model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
+    stem = " after the small-image stem" if args.small_images else ""
+    into = (f"torchvision's {args.arch} with fc=Identity{stem}" if args.arch.startswith("resnet") else
+            f"simlap.build_backbone('{args.arch}')")
+    print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into {into})")
+    if knn_untrained is not None and knn_last is not None:
+        print(f"kNN top-1 on the test split: untrained {100 * knn_untrained:.1f}% -> trained {100 * knn_last:.1f}%")
 
 
 def gather_states(state):
