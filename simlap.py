@@ -228,8 +228,9 @@ def subspace_cosine(q, k, gates, eps=1e-8):
 class _PairInfoNCE(torch.autograd.Function):
     """Σ over positive pairs (i, p) of -log(e^{L_ip} / (e^{L_ip} + Σ_n e^{L_in})), L = dot / sqrt(kn2 + eps²), with
     pos, neg (B, N) given as 0/1 floats. Forward and gradient are written out by hand, in few elementwise (B, N)
-    passes, most of them in place: autograd through masks, where and logaddexp took 1.5x the time (bench_loss).
-    On the CPU, arithmetic on float masks is also several times faster than where/masked_fill on bool masks."""
+    passes, most of them in place; autograd through bool masks, where and logaddexp took 1.4-1.9x as long on one
+    CPU thread (README, bench_loss). On a CPU, arithmetic on float masks is several times faster than
+    where/masked_fill on bool ones."""
 
     @staticmethod
     def forward(ctx, dot, kn2, pos, neg, bound, eps):
