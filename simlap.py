@@ -469,6 +469,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), int(self.targets[i])
 
 
+# ----------------------------------------------------------------------------------------------- augmentation
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY = (0.2989, 0.587, 0.114)  # luma weights, as torchvision's rgb_to_grayscale
 
