@@ -583,9 +583,10 @@ def eval_transform(size):
 
 
 class TwoViews(torch.utils.data.Dataset):
-    """Wraps a data set to return (images uint8, label, key) for two_views(): the decoded image (3, H, W), or for
-    variable-size data (crop=True) two random resized crops (2, 3, size, size). Indexed by (index, epoch) from
-    EpochSampler; the key, and the per-image crops, are a pure function of (seed, epoch, index)."""
+    """Wraps a data set to return (images uint8, label, index) for two_views(): the decoded image (3, H, W), or for
+    variable-size data (crop=True) two random resized crops (2, 3, size, size), seeded by the sample's key. Indexed
+    by (index, epoch) from EpochSampler. The keys of a batch are computed in one call in the training loop, not
+    here: per sample, sample_keys() cost more than the decoding."""
 
     def __init__(self, dataset, size, seed=0, crop=False):
         self.dataset, self.transform, self.seed, self.crop = dataset, train_views(size, crop), seed, crop
@@ -596,12 +597,11 @@ class TwoViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         img, label = self.dataset[i]
-        k = sample_keys(self.seed, epoch, i)
         if not self.crop:
-            return self.transform(img).as_subclass(torch.Tensor), label, k
+            return self.transform(img).as_subclass(torch.Tensor), label, i
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(k))
-            return torch.stack([self.transform(img), self.transform(img)]).as_subclass(torch.Tensor), label, k
+            torch.manual_seed(int(sample_keys(self.seed, epoch, i)))
+            return torch.stack([self.transform(img), self.transform(img)]).as_subclass(torch.Tensor), label, i
 
 
 class Transformed(torch.utils.data.Dataset):

@@ -447,10 +447,11 @@ def test_views_are_a_pure_function_of_seed_epoch_index_not_of_the_batch():
     assert x1.shape == (10, 3, 64, 64) and torch.equal(x1, y1) and torch.equal(x2, y2) and not torch.equal(x1, x2)
     alone1, alone2 = simlap.two_views(x[7:8], keys[7:8], 64)  # one image alone gets the views it gets in a batch
     assert torch.allclose(alone1, x1[7:8], atol=1e-5) and torch.allclose(alone2, x2[7:8], atol=1e-5)
-    # the loader returns the uint8 image and that key, whatever the global RNG
+    # the loader returns the uint8 image and its index (train.py turns a batch of indices into keys)
     ds = simlap.TwoViews(simlap.SyntheticShapes("test", per_class=1), 32, seed=1)
-    img, label, key = ds[(7, 4)]
-    assert img.dtype == torch.uint8 and torch.equal(img, x[7]) and label == 7 and key == keys[7]
+    img, label, index = ds[(7, 4)]
+    assert img.dtype == torch.uint8 and torch.equal(img, x[7]) and label == 7 and index == 7
+    key = keys[7]
     # variable-size data: the loader crops each view, seeded by the key
     crops = simlap.TwoViews(simlap.SyntheticShapes("test", per_class=1), 16, seed=1, crop=True)
     torch.manual_seed(123)

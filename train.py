@@ -367,9 +367,10 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
     for epoch in range(step // run.steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
         model.train()
-        for images, y, keys in loader:
+        for images, y, index in loader:
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
+            keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
             images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
             x1, x2 = (x.contiguous(memory_format=run.memory_format)
                       for x in simlap.two_views(images, keys, args.image_size))
