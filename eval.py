@@ -220,7 +220,8 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
         if arch and arch != a["arch"]:
             raise UserError(f"--arch {arch} does not match the checkpoint, which is a {a['arch']}")
         model = simlap.SimLAP(arch=a["arch"], num_classes=a["num_classes"], small_images=a["small_images"],
-                              image_size=a["image_size"], proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"])
+                              image_size=a["image_size"], proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"],
+                              method=a.get("method", "simlap"))  # simlap-moco's heads differ
         load_strict(model, ckpt["model"], checkpoint)
         return model.backbone, model, dict(a)
     state = read(backbone, "--backbone")

@@ -8,10 +8,13 @@
 Any two classes may be a positive pair: the filter opens the subspace where the two share features, and
 samples of neither class are the negatives. The paper's baselines are SimLAP(method=...) too: 'supcon'
 (supcon_loss, Khosla et al.), 'simclr' (nt_xent_loss, Chen et al.), 'hydra' (NT-Xent + the SimLAP loss, as the
-authors' erow/hydra) and 'supcon-arbitrary' (the SimLAP loss with all-ones gates). train.py and eval.py import
-everything they share from here.
+authors' erow/hydra) and 'supcon-arbitrary' (the SimLAP loss with all-ones gates). 'simlap-moco', the paper's
+SimLAP-MoCo (Table 1), adds a momentum encoder and a predictor (MoCo v3): queries from the predictor, keys from the
+momentum encoder, and MoCo v3's loss (moco_loss) beside the SimLAP loss. train.py and eval.py import everything
+they share from here.
 """
 import argparse
+import copy
 import hashlib
 import math
 import os
@@ -25,9 +28,9 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-METHODS = ("simlap", "supcon", "simclr", "hydra", "supcon-arbitrary")
-PAIR_METHODS = ("simlap", "hydra", "supcon-arbitrary")  # the methods that draw partner classes (eq. 2)
-FILTER_METHODS = ("simlap", "hydra")  # the methods that train the feature filter
+METHODS = ("simlap", "supcon", "simclr", "hydra", "supcon-arbitrary", "simlap-moco")
+PAIR_METHODS = ("simlap", "hydra", "supcon-arbitrary", "simlap-moco")  # the methods that draw partner classes (eq. 2)
+FILTER_METHODS = ("simlap", "hydra", "simlap-moco")  # the methods that train the feature filter
 PAIR_MODES = ("arbitrary", "arbitrary-uniform", "identical", "distinct", "nearest")
 ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
@@ -124,12 +127,17 @@ def arch_of(state):
 
 
 class Projector(nn.Sequential):
-    """f_P, Table 5b. The final LayerNorm is what keeps training stable (section 5.2)."""
+    """An MLP head of `layers` Linear maps in_dim -> hidden_dim -> ... -> out_dim, BatchNorm + ReLU between them.
+    The defaults are f_P of Table 5b: BN + ReLU on the backbone output first, and a final LayerNorm, which is what
+    keeps training stable (section 5.2). SimLAP-MoCo's heads (erow/hydra, after MoCo v3) start with a Linear
+    (norm_input=False): projector 3 layers ending in LayerNorm, predictor 2 layers without (norm_output=False)."""
 
-    def __init__(self, in_dim, hidden_dim=2048, out_dim=256):
-        super().__init__(nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, hidden_dim),
-                         nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim),
-                         nn.LayerNorm(out_dim))
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=256, layers=2, norm_input=True, norm_output=True):
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        mlp = [nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True)] if norm_input else []
+        for d_in, d_out in zip(dims, dims[1:]):
+            mlp += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        super().__init__(*mlp[:-2], *([nn.LayerNorm(out_dim)] if norm_output else []))
 
 
 class FeatureFilter(nn.Module):
@@ -312,14 +320,34 @@ def nt_xent_loss(z1, z2, temperature=0.1):
     return supcon_loss(torch.cat([z1, z2]), torch.cat([ids, ids]), temperature)
 
 
+def moco_loss(q1, q2, k1, k2, temperature=0.2):
+    """MoCo v3's symmetric loss (Chen et al. 2021; facebookresearch/moco-v3, moco/builder.py), in fp32 even under
+    autocast: ctr(q1, k2) + ctr(q2, k1), where for this rank's queries q (B, D) and the keys k (N, D) of the global
+    batch (gathered from all ranks without gradient: they come from the momentum encoder)
+      ctr(q, k) = 2τ · mean_i -log( e^{s_{i,j(i)}/τ} / Σ_n e^{s_in/τ} ),   s = cosine,
+    j(i) = the global index of query i's own image. The 2τ factor is MoCo v3's; the authors' erow/hydra averages
+    the two terms without it (its loss is 1/(4τ) times this one)."""
+    with torch.autocast(q1.device.type, enabled=False):
+        labels = instance_ids(len(q1), q1.device)
+
+        def ctr(q, k):
+            q, k = (F.normalize(t.to(torch.promote_types(t.dtype, torch.float32)), dim=1) for t in (q, k))
+            return F.cross_entropy(q @ k.T / temperature, labels) * (2 * temperature)
+
+        return ctr(q1, k2) + ctr(q2, k1)
+
+
 # ----------------------------------------------------------------------------------------------- model
 class SimLAP(nn.Module):
     """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats). The loss, by method:
       simlap            simlap_loss (eq. 2) on drawn partner pairs (pairs=), gates g(y1, y2) from the filter
       supcon-arbitrary  the same pairs with all-ones gates (the paper's "SupCon with arbitrary pairs")
       hydra             (nt_xent_loss + beta · the simlap loss) / (1 + beta), as erow/hydra's moco/builder.py
+      simlap-moco       (moco_loss + beta · the simlap loss) / (1 + beta) on queries from a predictor and keys from
+                        a momentum encoder, as erow/hydra's moco/builder.py (see encode, update_momentum)
       supcon, simclr    supcon_loss, nt_xent_loss: no partners, no filter
-    Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks with gradient."""
+    Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks (with gradient,
+    except the momentum encoder's keys, which have none)."""
 
     def __init__(self, arch="resnet18", num_classes=16, small_images=False, image_size=None, proj_hidden=2048,
                  proj_dim=256, method="simlap", pairs="arbitrary", beta=1.0, temperature=0.1, gate_penalty=0.0,
@@ -331,7 +359,14 @@ class SimLAP(nn.Module):
         if method in PAIR_METHODS and pairs == "nearest" and class_dist is None:
             raise ValueError("pairs='nearest' needs a (K, K) class_dist")
         self.backbone, self.feature_dim = build_backbone(arch, small_images, image_size)
-        self.projector = Projector(self.feature_dim, proj_hidden, proj_dim)
+        if method == "simlap-moco":  # erow/hydra's heads: projector in -> H -> H -> D, predictor D -> H -> D
+            self.projector = Projector(self.feature_dim, proj_hidden, proj_dim, layers=3, norm_input=False)
+            self.predictor = Projector(proj_dim, proj_hidden, proj_dim, norm_input=False, norm_output=False)
+            # the momentum encoder: a copy of backbone + projector that only update_momentum changes
+            self.momentum_backbone, self.momentum_projector = (copy.deepcopy(m).requires_grad_(False)
+                                                               for m in (self.backbone, self.projector))
+        else:
+            self.projector = Projector(self.feature_dim, proj_hidden, proj_dim)
         self.filter = FeatureFilter(num_classes, proj_dim)  # kept by every method, so checkpoints match
         self.num_classes, self.method, self.pairs, self.beta = num_classes, method, pairs, beta
         self.use_filter = method in FILTER_METHODS
@@ -344,23 +379,25 @@ class SimLAP(nn.Module):
     def forward(self, x1, x2, y, y2=None, stats=False):
         """x1, x2 (B, 3, H, W) two views, y (B,) labels; y2 (B,) overrides the sampled partners.
         stats=True also returns plain floats (one host sync); training asks for them every few steps only."""
-        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).float().chunk(2)  # (B, D) each
-        key_y, gates = gather(y), torch.ones_like(z1)  # labels of the global batch; all-ones gates: the full space
+        q1, q2, k1, k2 = self.encode(x1, x2)
+        key_y, gates = gather(y), torch.ones_like(q1)  # labels of the global batch; all-ones gates: the full space
         if self.method == "supcon":
-            loss = supcon_loss(torch.cat([z1, z2]), torch.cat([y, y]), self.temperature)
+            loss = supcon_loss(torch.cat([q1, q2]), torch.cat([y, y]), self.temperature)
         elif self.method == "simclr":
-            loss = nt_xent_loss(z1, z2, self.temperature)
+            loss = nt_xent_loss(q1, q2, self.temperature)
         else:
             if y2 is None:
                 y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
                                      self.generator)
             if self.use_filter:
                 gates = self.filter(y, y2.clamp_min(0))  # (B, D)
-            loss = self.pair_loss(z1, z2, y, y2, key_y, gates)
-        if self.method == "hydra":
-            # Instance loss: SimCLR's NT-Xent, since the paper's Hydra is "SimCLR + feature filter". The authors'
-            # builder uses MoCo v3's cross-view InfoNCE against a momentum encoder, which this code does not have.
-            loss = (nt_xent_loss(z1, z2, self.temperature) + self.beta * loss) / (1 + self.beta)
+            loss = self.pair_loss(q1, q2, k1, k2, y, y2, key_y, gates)
+        if self.method in ("hydra", "simlap-moco"):  # + an instance loss, weighted as erow/hydra's moco/builder.py
+            # hydra: SimCLR's NT-Xent, since the paper's Hydra is "SimCLR + feature filter" (the authors' builder
+            # uses MoCo v3's loss against a momentum encoder: that is simlap-moco here).
+            instance = (nt_xent_loss(q1, q2, self.temperature) if self.method == "hydra"
+                        else moco_loss(q1, q2, k1, k2, self.temperature))
+            loss = (instance + self.beta * loss) / (1 + self.beta)
         if self.gate_penalty > 0 and self.use_filter:
             loss = loss + self.gate_penalty * gate_penalty(self.filter)
         if not stats:
@@ -370,17 +407,38 @@ class SimLAP(nn.Module):
                 y = instance_ids(len(y), y.device)
                 key_y = gather(y)
             pos = (y if self.method in ("supcon", "simclr") else y2)[:, None] == key_y[None, :]
-            sim = subspace_cosine(z1, gather(z2), gates)
+            sim = subspace_cosine(q1, k2, gates)
             values = torch.stack([loss.detach().float(), (gates > 0.5).float().sum(1).mean(), gate_entropy(gates),
                                   (sim * pos).sum() / pos.sum().clamp_min(1)]).tolist()
         return loss, dict(zip(("loss", "gate_open", "gate_entropy", "pos_sim"), values))
 
-    def pair_loss(self, z1, z2, y, y2, key_y, gates):
-        """simlap_loss, symmetric in the two views; every rank divides by its share of the global pair count."""
-        k1, k2 = gather(z1, with_grad=True), gather(z2, with_grad=True)  # (W*B, D): keys from every rank
+    def encode(self, x1, x2):
+        """-> queries q1, q2 (B, D) of this rank's images and the keys k1, k2 (W*B, D) of the global batch, fp32.
+        Queries and keys are the projections f_P(f_E(x)), keys gathered with gradient; for simlap-moco the queries
+        are predictor(f_P(f_E(x))) and the keys the momentum encoder's projections, with no gradient."""
+        x = torch.cat([x1, x2])
+        z = self.projector(self.backbone(x))
+        if self.method != "simlap-moco":
+            z1, z2 = z.float().chunk(2)
+            return z1, z2, gather(z1, with_grad=True), gather(z2, with_grad=True)
+        with torch.no_grad():
+            k1, k2 = self.momentum_projector(self.momentum_backbone(x)).float().chunk(2)
+        return *self.predictor(z).float().chunk(2), gather(k1), gather(k2)
+
+    @torch.no_grad()
+    def update_momentum(self, m):
+        """simlap-moco, once per step before the forward: θ_m <- m θ_m + (1 - m) θ for every parameter of the
+        momentum encoder (MoCo v3; its buffers, the BatchNorm statistics, are its own)."""
+        momentum = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        torch._foreach_mul_(momentum, m)
+        torch._foreach_add_(momentum, [*self.backbone.parameters(), *self.projector.parameters()], alpha=1 - m)
+
+    def pair_loss(self, q1, q2, k1, k2, y, y2, key_y, gates):
+        """simlap_loss, symmetric in the two views (anchors q1 against keys k2, q2 against k1); every rank divides
+        by its share of the global pair count."""
         num_pairs = ddp_divisor((y2[:, None] == key_y[None, :]).sum())
-        return (simlap_loss(z1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
-                + simlap_loss(z2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
+        return (simlap_loss(q1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
+                + simlap_loss(q2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
 
 
 # ----------------------------------------------------------------------------------------------- optimizer

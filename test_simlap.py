@@ -1,6 +1,7 @@
 """Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
 import argparse
+import copy
 import importlib
 import json
 import math
@@ -262,6 +263,94 @@ def test_gradients_reach_every_part_and_bf16_is_finite():
         assert torch.isfinite(p.grad).all(), name
 
 
+def moco_model(beta=1.0, **kw):
+    """A tiny simlap-moco model in eval mode (fixed BN), its momentum encoder moved away from the base encoder so
+    that keys computed by the wrong encoder show."""
+    torch.manual_seed(9)
+    m = simlap.SimLAP("convnet", 4, proj_hidden=32, proj_dim=16, method="simlap-moco", beta=beta, **kw).eval()
+    with torch.no_grad():
+        for p in [*m.momentum_backbone.parameters(), *m.momentum_projector.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def test_moco_momentum_update_and_schedule():
+    m = moco_model()
+    pairs = list(zip([*m.backbone.parameters(), *m.projector.parameters()],
+                     [*m.momentum_backbone.parameters(), *m.momentum_projector.parameters()]))
+    # convnet: 4 convs + 4 BNs = 12 tensors; projector (erow/hydra's): 3 Linear, 2 BN, 1 LayerNorm = 12 tensors
+    assert len(pairs) == 24 and all(p.shape == q.shape for p, q in pairs)
+    with torch.no_grad():  # values whose update is exact in binary: 0.75 * 1 + 0.25 * 3 = 1.5
+        pairs[0][0].fill_(3.0), pairs[0][1].fill_(1.0)
+    before = [(p.clone(), q.clone()) for p, q in pairs]
+    stats = m.momentum_backbone[1].running_mean.clone()
+    m.update_momentum(0.75)
+    assert (pairs[0][1] == 1.5).all()
+    for (p, q), (p0, q0) in zip(pairs, before):
+        assert torch.equal(p, p0) and torch.allclose(q, 0.75 * q0 + 0.25 * p0, atol=1e-7)  # θ_m <- m θ_m + (1-m) θ
+    assert torch.equal(m.momentum_backbone[1].running_mean, stats)  # buffers are not averaged (MoCo v3)
+    # MoCo v3's cosine schedule: m0 at step 0, 1 at the end, the mean of the two half-way
+    assert train.get_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert train.get_momentum(50, 100, 0.99) == pytest.approx(0.995) and train.get_momentum(100, 100, 0.99) == 1.0
+    assert train.get_momentum(25, 100, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def moco_reference(m, x1, x2):
+    """Queries and keys computed plainly from the modules: predictor(projector(backbone)), momentum encoder."""
+    q1, q2 = (m.predictor(m.projector(m.backbone(x))) for x in (x1, x2))
+    with torch.no_grad():
+        k1, k2 = (m.momentum_projector(m.momentum_backbone(x)) for x in (x1, x2))
+    return q1, q2, k1, k2
+
+
+def test_moco_loss_is_moco_v3_instance_loss_plus_the_pair_term():
+    """β = 0: MoCo v3's ctr(q1, k2) + ctr(q2, k1), ctr = 2τ CE, by a per-anchor loop; β = 0.3: the pair term is
+    the symmetric simlap_loss on the same queries and keys, gated by g(y, y2)."""
+    torch.manual_seed(10)
+    x1, x2, y = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 3])
+    y2 = torch.tensor([1, 2, 0, 3, 1, 0])
+    tau = 0.3
+    m = moco_model(beta=0.0, temperature=tau)
+    q1, q2, k1, k2 = moco_reference(m, x1, x2)
+
+    def ctr(q, k):
+        terms = []
+        for i in range(len(q)):
+            s = torch.stack([F.cosine_similarity(q[i], k[j], dim=0) for j in range(len(k))]) / tau
+            terms.append(-(s[i].exp() / s.exp().sum()).log())
+        return 2 * tau * torch.stack(terms).mean()
+
+    instance = ctr(q1, k2) + ctr(q2, k1)
+    assert torch.allclose(m(x1, x2, y, y2)[0], instance, atol=1e-5)
+    assert torch.allclose(simlap.moco_loss(q1, q2, k1, k2, tau), instance, atol=1e-5)
+    m.beta = 0.3
+    gates = m.filter(y, y2)
+    pair = (simlap.simlap_loss(q1, k2, y, y2, gates, tau) + simlap.simlap_loss(q2, k1, y, y2, gates, tau)) / 2
+    assert torch.allclose(m(x1, x2, y, y2)[0], (instance + 0.3 * pair) / 1.3, atol=1e-5)
+
+
+def test_moco_keys_carry_no_gradient():
+    """Gradients reach the base encoder, predictor and filter through the queries only: they equal those of the
+    loss on keys computed apart without gradient, and the momentum encoder gets none."""
+    torch.manual_seed(11)
+    x1, x2, y = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 3])
+    y2 = torch.tensor([1, 2, 0, 3, 1, 0])
+    m = moco_model()
+    trained = [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(m(x1, x2, y, y2)[0], trained)
+    q1, q2, k1, k2 = moco_reference(m, x1, x2)
+    gates = m.filter(y, y2)
+    pair = (simlap.simlap_loss(q1, k2, y, y2, gates, m.temperature) + simlap.simlap_loss(q2, k1, y, y2, gates,
+                                                                                         m.temperature)) / 2
+    ref = torch.autograd.grad((simlap.moco_loss(q1, q2, k1, k2, m.temperature) + pair) / 2, trained)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref))
+    assert all(g.abs().sum() > 0 for g in grads[:3])  # the first backbone layers moved
+    frozen = [*m.momentum_backbone.parameters(), *m.momentum_projector.parameters()]
+    assert not any(p.requires_grad for p in frozen) and not set(map(id, frozen)) & set(map(id, trained))
+    with pytest.raises(RuntimeError):  # the keys are not in the graph at all
+        torch.autograd.grad(simlap.moco_loss(q1, q2, k1, k2), k1)
+
+
 def test_filter_is_symmetric_and_single_label_is_eq4():
     torch.manual_seed(8)
     f = simlap.FeatureFilter(6, out_dim=10, embed_dim=12, hidden_dim=14).eval()
@@ -511,6 +600,11 @@ def toy_model(method="simlap"):
     m.projector = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.LayerNorm(8))
     m.filter.mlp[0].eval(), m.filter.mlp[3].eval()
     m.filter.mlp[0].train = m.filter.mlp[3].train = lambda mode=True: None  # stay in eval mode
+    if method == "simlap-moco":  # a BN-free predictor; a momentum encoder that is not the base encoder
+        m.predictor = torch.nn.Linear(8, 8)
+        m.momentum_backbone, m.momentum_projector = (copy.deepcopy(n).requires_grad_(False)
+                                                     for n in (m.backbone, m.projector))
+        torch.nn.init.normal_(m.momentum_backbone[1].weight)
     return m
 
 
@@ -526,10 +620,13 @@ def one_step(model, x1, x2, y, y2):
     loss, _ = model(x1, x2, y, y2)
     loss.backward()
     opt.step()
+    raw = getattr(model, "module", model)
+    if raw.method == "simlap-moco":
+        raw.update_momentum(0.9)
     return loss.detach()
 
 
-DDP_METHODS = ("simlap", "supcon", "simclr", "hydra")
+DDP_METHODS = ("simlap", "supcon", "simclr", "hydra", "simlap-moco")
 
 
 def _ddp_worker(r, world, port, out):
@@ -563,24 +660,35 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert not torch.equal(model.backbone[1].weight, toy_model().backbone[1].weight), method  # the step moved
 
 
-def test_resume_is_exact_and_outputs_load(tmp_path):
+@pytest.mark.parametrize("method", ["simlap", "simlap-moco"])
+def test_resume_is_exact_and_outputs_load(tmp_path, method):
     """2 epochs straight == a process stopped mid-epoch (step 6 of 8) that exits, then the same command again.
-    The interrupted run uses 2 loader workers, the others none: augmentations do not depend on workers."""
+    The interrupted run uses 2 loader workers, the others none: augmentations do not depend on workers.
+    simlap-moco: the momentum encoder is in the checkpoint and resumes with the momentum of its step."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main([*TINY, "--workers", "0", "--output-dir", str(straight)])
-    r = run_train("--output-dir", str(resumed), "--stop-after", "6", workers=2)
+    train.main([*TINY, "--workers", "0", "--output-dir", str(straight), "--method", method])
+    r = run_train("--output-dir", str(resumed), "--stop-after", "6", "--method", method, workers=2)
     assert r.returncode == 0 and "stopped after 6 steps at step 6" in r.stdout, r.stderr
-    train.main([*TINY, "--workers", "0", "--output-dir", str(resumed), "--stop-after", "6"])
+    stopped = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert stopped["moco_m"] == (pytest.approx(train.get_momentum(6, 8, 0.99)) if method == "simlap-moco" else None)
+    train.main([*TINY, "--workers", "0", "--output-dir", str(resumed), "--stop-after", "6", "--method", method])
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, resumed))
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    if method == "simlap-moco":  # the momentum encoder was saved, and it moved, but not onto the base encoder
+        moved = a["model"]["momentum_backbone.0.weight"]
+        assert not torch.equal(moved, a["model"]["backbone.0.weight"])
+        assert not torch.equal(moved, stopped["model"]["momentum_backbone.0.weight"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])  # AdamW's
     # the outputs a user takes away
     assert {"checkpoint.pt", "backbone.pt", "args.json", "log.jsonl"} <= set(os.listdir(straight))
     net, _ = simlap.build_backbone("convnet")  # the demo's arch
     net.load_state_dict(torch.load(straight / "backbone.pt", weights_only=True), strict=True)
+    backbone, _, _ = ev.load_weights(checkpoint=str(straight / "checkpoint.pt"))  # what eval.py evaluates
+    for weights in (net.state_dict(), backbone.state_dict()):
+        assert torch.equal(weights["0.weight"], a["model"]["backbone.0.weight"])  # the base encoder
     args = json.loads((straight / "args.json").read_text())
     assert args["lr"] == pytest.approx(5e-4 * 32 / 256) and args["per_gpu_batch"] == 32  # AdamW, Table 5a
     epochs = [r["epoch"] for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "img_per_s" in r]
@@ -641,6 +749,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
              "other pairs": ["--output-dir", str(good), "--pairs", "arbitrary-uniform"],
              "pairs without partners": ["--method", "supcon", "--pairs", "distinct"],
              "beta without hydra": ["--beta", "0.5"],
+             "momentum without moco": ["--method", "hydra", "--moco-m", "0.9"],
              "negative beta": ["--method", "hydra", "--beta", "-1"],
              "unwritable output": ["--output-dir", str(afile / "sub")],
              "repeated class id": ["--synthetic-classes", "1,1,2"],
@@ -661,6 +770,13 @@ def test_method_flags_resolve_and_name_the_output_dir():
     assert (a.pairs, a.beta, a.output_dir) == ("distinct", 1.0, "runs/synthetic-convnet-hydra-distinct")
     a = train.parse_args(["--method", "supcon"])  # draws no partners: no pairs recorded
     assert (a.pairs, a.beta, a.output_dir) == (None, None, "runs/synthetic-convnet-supcon")
+    a = train.parse_args(["--method", "simlap-moco"])  # the demo: AdamW, and heads 2048 wide (printed as departing)
+    assert (a.pairs, a.beta, a.moco_m, a.temperature, a.proj_hidden, a.demo_departures["proj_hidden"]) == (
+        "arbitrary", 1.0, 0.99, 0.2, 2048, 2048) and a.output_dir == "runs/synthetic-convnet-simlap-moco"
+    a = train.parse_args(["--method", "simlap-moco", "--dataset", "cifar10"])  # Table 5a's Hydra-MoCo column
+    assert (a.optimizer, a.base_lr, a.weight_decay, a.proj_hidden, a.temperature) == ("lars", 0.3, 1.5e-6, 4096, 0.2)
+    a = train.parse_args(["--dataset", "cifar10"])  # Table 5a's SimLAP column
+    assert (a.base_lr, a.weight_decay, a.proj_hidden, a.temperature, a.moco_m) == (0.05, 1e-4, 2048, 0.1, None)
 
 
 def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):

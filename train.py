@@ -8,6 +8,9 @@ The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 
         --arch resnet50 --image-size 224 --batch-size 1024 --epochs 1000 --warmup-epochs 40 --base-lr 0.05 \\
         --weight-decay 1e-4 --temperature 0.1 --proj-dim 256 --workers 10 --knn-every 50
 Baselines: --method supcon | simclr | hydra | supcon-arbitrary (README: the paper's names -> commands).
+SimLAP-MoCo (Table 1; Table 5a's Hydra-MoCo column: LARS at 0.3 per 256 images, wd 1.5e-6; erow/hydra's heads):
+    torchrun --standalone --nproc_per_node=8 train.py --method simlap-moco --dataset imagefolder \\
+        --data /path/to/imagenet --arch resnet50 --image-size 224 --batch-size 1024 --epochs 300 --workers 10
 Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
@@ -64,15 +67,20 @@ def build_parser():
     a("--momentum", type=ranged(float, 0, 1, high_open=True), default=0.9, help="LARS momentum (default: 0.9)")
     a("--warmup-epochs", type=nonneg_float, default=None,
       help="linear warmup, capped at a tenth of the run (default: 40)")
-    a("--temperature", type=positive_float, default=0.1, help="tau of eq. 2 (default: 0.1)")
+    a("--temperature", type=positive_float, default=None, help="tau of eq. 2 and of the instance losses "
+      "(default: 0.1; simlap-moco: 0.2, as erow/hydra's commands)")
     a("--proj-dim", type=positive_int, default=256, help="projector output D (default: 256)")
-    a("--proj-hidden", type=positive_int, default=2048, help="projector hidden width (default: 2048)")
+    a("--proj-hidden", type=positive_int, default=None, help="hidden width of the projector (and of simlap-moco's "
+      "predictor) (default: 2048, Table 5b; simlap-moco: 4096 as erow/hydra, 2048 on the demo)")
     a("--method", default="simlap", choices=simlap.METHODS, help="loss: simlap (the paper's), supcon (Khosla et al.), "
-      "simclr (NT-Xent), hydra (NT-Xent + beta x SimLAP), supcon-arbitrary (SimLAP, all-ones gates) (default: simlap)")
+      "simclr (NT-Xent), hydra (NT-Xent + beta x SimLAP), supcon-arbitrary (SimLAP, all-ones gates), simlap-moco "
+      "(MoCo v3 + beta x SimLAP, momentum encoder) (default: simlap)")
     a("--pairs", default=None, choices=simlap.PAIR_MODES, help="simlap, hydra, supcon-arbitrary: how partner classes "
       "are drawn; arbitrary = the label of a random sample of the batch (default: arbitrary)")
-    a("--beta", type=nonneg_float, default=None,
-      help="hydra: loss = (NT-Xent + beta x SimLAP) / (1 + beta) (default: 1)")
+    a("--beta", type=nonneg_float, default=None, help="hydra, simlap-moco: loss = (instance loss + beta x SimLAP) / "
+      "(1 + beta), the instance loss NT-Xent or MoCo v3's (default: 1)")
+    a("--moco-m", type=ranged(float, 0, 1), default=None, help="simlap-moco: momentum m0 of the momentum encoder, "
+      "raised to 1 over training by MoCo v3's cosine schedule (default: 0.99; MoCo v3 takes 0.996 for long runs)")
     a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
       "(default on synthetic: the number of differing attributes)")
     a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
@@ -99,12 +107,14 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
-    for flag, value, methods in (("--pairs", args.pairs, simlap.PAIR_METHODS), ("--beta", args.beta, ("hydra",))):
+    for flag, value, methods in (("--pairs", args.pairs, simlap.PAIR_METHODS), ("--beta", args.beta, WEIGHED),
+                                 ("--moco-m", args.moco_m, ("simlap-moco",))):
         if value is not None and args.method not in methods:
             raise UserError(f"{flag} applies to --method {' / '.join(methods)} only, not {args.method}; leave it out")
     if args.method in simlap.PAIR_METHODS:  # None marks what a method does not use (args.json, checkpoints)
         args.pairs = args.pairs or "arbitrary"
-    args.beta = (1.0 if args.beta is None else args.beta) if args.method == "hydra" else None
+    args.beta = (1.0 if args.beta is None else args.beta) if args.method in WEIGHED else None
+    args.moco_m = (0.99 if args.moco_m is None else args.moco_m) if args.method == "simlap-moco" else None
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}" + (
         f"-{args.pairs}" if args.pairs not in (None, "arbitrary") else ""))
     if args.synthetic_classes is not None:
@@ -130,6 +140,7 @@ def parse_args(argv=None):
     return args
 
 
+WEIGHED = ("hydra", "simlap-moco")  # the methods whose loss weighs an instance loss against the pair loss by beta
 # The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer, below) ...
 PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
 # ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
@@ -145,9 +156,16 @@ def apply_defaults(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
             departures.update({key: value} if key in demo else {})
-    lars = args.optimizer == "lars"
-    args.base_lr = args.base_lr if args.base_lr is not None else (0.05 if lars else 5e-4)
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else (1e-4 if lars else 1e-2)
+    # (base lr per 256 images, weight decay): LARS, Table 5a (SimLAP: 0.2 at batch 1024; Hydra-MoCo: 0.3 read as a
+    # rate per 256, as in erow/hydra's and MoCo v3's configs), AdamW, Table 3a
+    moco = args.method == "simlap-moco"
+    lr, wd = {"lars": (0.3, 1.5e-6) if moco else (0.05, 1e-4), "adamw": (5e-4, 1e-2)}[args.optimizer]
+    args.base_lr = args.base_lr if args.base_lr is not None else lr
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else wd
+    args.temperature = args.temperature or (0.2 if moco else 0.1)
+    if args.proj_hidden is None:  # the authors' 4096 for simlap-moco's three-layer heads, too slow for the demo
+        args.proj_hidden = 2048 if demo or not moco else 4096
+        departures.update({"proj_hidden": 2048} if demo and moco else {})
     native = {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
     args.image_size = args.image_size or native.get(args.dataset, 224)
     return departures
@@ -158,6 +176,12 @@ def get_lr(step, total_steps, warmup_steps, peak):
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def get_momentum(step, total_steps, m0):
+    """simlap-moco: MoCo v3's momentum, from m0 at step 0 to 1 at the end on a half cosine; a pure function of the
+    global step, as the lr."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
 def save_atomic(obj, path):
@@ -180,6 +204,7 @@ def load_checkpoint(path, args, num_classes):
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
     for key, now in (("arch", args.arch), ("method", args.method), ("pairs", args.pairs), ("beta", args.beta),
+                     ("moco_m", args.moco_m),
                      ("num_classes", num_classes), ("proj_dim", args.proj_dim),
                      ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
                      ("synthetic_classes", args.synthetic_classes), ("labels_fingerprint", args.labels_fingerprint)):
@@ -349,7 +374,10 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
         if main0:
             save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
                              epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=knn_untrained,
-                             rng=dict(torch=torch.get_rng_state(), partners=partners)), path)
+                             rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=momentum(step)), path)
+
+    def momentum(step):  # simlap-moco's m at a step (None for the other methods)
+        return get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
 
     def log(record):
         if main0:
@@ -370,6 +398,8 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
         for images, y, index in loader:
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
+            if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
+                raw_model.update_momentum(momentum(step))
             keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
             images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
             x1, x2 = (x.contiguous(memory_format=run.memory_format)
