@@ -1,5 +1,6 @@
-"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR, SupCon and Hydra, and
-of the data augmentation: the batched on-device two_views() against the per-image torchvision pipeline it replaced.
+"""Throughput of one full training step (forward, loss, backward, LARS) for SimLAP, SimCLR, SupCon, Hydra and
+SimLAP-MoCo, and of the data augmentation: the batched on-device two_views() against the per-image torchvision
+pipeline it replaced.
 
     python benchmarks/bench_step.py                          # CPU: the demo's convnet, 32 px, batch 256
     python benchmarks/bench_step.py --device cuda            # GPU: resnet50, 224 px, batch 256, bf16, channels_last
@@ -8,14 +9,18 @@ of the data augmentation: the batched on-device two_views() against the per-imag
     python benchmarks/bench_step.py --smoke                  # tiny and quick, for CI
 
 The modes are the same simlap.SimLAP model (same arch, image size, batch and initial weights) with another
-method= (train.py's --method), so the difference is only the loss and the feature filter:
+method= (train.py's --method), so the difference is only the loss and the feature filter, and for SimLAP-MoCo its
+heads and momentum encoder:
     SimLAP  simlap (arbitrary pairs, filter)     SimCLR  simclr (NT-Xent)
     SupCon  supcon (Khosla et al.)               Hydra   hydra (NT-Xent + SimLAP loss, filter)
+    SimLAP-MoCo  simlap-moco (the momentum update and the momentum encoder's forward are in its step; its projector
+                 has 3 layers and a predictor follows, both --proj-hidden wide, where the authors' are 4096)
 Inputs are random tensors already on the device (two views per image) with random labels from --classes classes:
-no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, Hydra, SimLAP, ...), each round timing
---steps steps per mode, so that drift of a shared machine hits all modes alike. Reported: median images/s over
-rounds (an image is two views), and each mode's step time over SimCLR's as the median of the per-round ratios. On
-CUDA the peak memory column is torch.cuda.max_memory_allocated() while that mode ran, with all models resident.
+no data loading is timed. Modes run round-robin (SimLAP, SimCLR, SupCon, Hydra, SimLAP-MoCo, SimLAP, ...), each
+round timing --steps steps per mode, so that drift of a shared machine hits all modes alike. Reported: median
+images/s over rounds (an image is two views), and each mode's step time over SimCLR's (and SimLAP-MoCo's over
+SimLAP's) as the median of the per-round ratios. On CUDA the peak memory column is torch.cuda.max_memory_allocated()
+while that mode ran, with all models resident.
 
 Augmentation (same rounds): two views of --batch-size uint8 synthetic images at --image-size, (a) one image at a time
 through the per-image torchvision v2 pipeline train.py used before (per_image_pipeline below), (b) simlap.two_views()
@@ -36,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import simlap  # noqa: E402
 from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
 
-MODES = {"SimLAP": "simlap", "SimCLR": "simclr", "SupCon": "supcon", "Hydra": "hydra"}  # name -> method
+MODES = {"SimLAP": "simlap", "SimCLR": "simclr", "SupCon": "supcon", "Hydra": "hydra",
+         "SimLAP-MoCo": "simlap-moco"}  # name -> method
 
 
 def per_image_pipeline(size):
@@ -119,8 +125,10 @@ def main():
         opt = simlap.LARS([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=1e-6)
         forward = torch.compile(model) if args.compile else model
 
-        def step(views=lambda: (x1, x2), forward=forward, opt=opt):
+        def step(views=lambda: (x1, x2), forward=forward, opt=opt, model=model):
             v1, v2 = views()
+            if model.method == "simlap-moco":
+                model.update_momentum(0.99)  # as train.py, before the forward
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16"):
                 loss, _ = forward(v1, v2, y)
@@ -170,11 +178,13 @@ def main():
     table = markdown_table({n: r for n, r in results.items() if n in MODES}, gpu)
     aug_table = markdown_table({n: r for n, r in results.items() if n not in MODES}, gpu, "per_image")
     speedup = 1 / results["batched aug only"]["ratio_to_per_image"]
+    moco_over_simlap = statistics.median(a / b for a, b in zip(secs["SimLAP-MoCo"], secs["SimLAP"]))
     print(f"\n{info['summary']}, torch {info['torch']}, {args.arch} at {args.image_size} px, batch {args.batch_size} "
           f"(2 views each), amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
           f"median of {args.rounds} rounds x {args.steps} steps\n\n"
           f"Training step on tensors already on the device (no augmentation):\n{table}\n\n"
-          f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}\n\n"
+          f"SimLAP step time / SimCLR step time: {results['SimLAP']['ratio_to_simclr']:.3f}\n"
+          f"SimLAP-MoCo step time / SimLAP step time: {moco_over_simlap:.3f}\n\n"
           f"Augmentation of two views, alone and inside a SimLAP step:\n{aug_table}\n\n"
           f"batched two_views() / per-image pipeline, images/s: {speedup:.1f}x")
     write_json(args, "bench_step", {"machine": info, "args": vars(args), "results": results})
