@@ -75,8 +75,9 @@ def build_parser():
     a("--method", default="simlap", choices=simlap.METHODS, help="loss: simlap (the paper's), supcon (Khosla et al.), "
       "simclr (NT-Xent), hydra (NT-Xent + beta x SimLAP), supcon-arbitrary (SimLAP, all-ones gates), simlap-moco "
       "(MoCo v3 + beta x SimLAP, momentum encoder) (default: simlap)")
-    a("--pairs", default=None, choices=simlap.PAIR_MODES, help="simlap, hydra, supcon-arbitrary: how partner classes "
-      "are drawn; arbitrary = the label of a random sample of the batch (default: arbitrary)")
+    a("--pairs", default=None, choices=simlap.PAIR_MODES, help="the methods with partner pairs (simlap, hydra, "
+      "supcon-arbitrary, simlap-moco): how partner classes are drawn; arbitrary = the label of a random sample of the "
+      "batch (default: arbitrary)")
     a("--beta", type=nonneg_float, default=None, help="hydra, simlap-moco: loss = (instance loss + beta x SimLAP) / "
       "(1 + beta), the instance loss NT-Xent or MoCo v3's (default: 1)")
     a("--moco-m", type=ranged(float, 0, 1), default=None, help="simlap-moco: momentum m0 of the momentum encoder, "
