@@ -1,6 +1,6 @@
 """The paper's claims at laptop scale: every method on the synthetic shapes, one fixed budget, 3 seeds, a verdict each.
 
-    python benchmarks/reproduce.py                 # every case x 3 seeds, 2 runs at a time: ~50 min on 2 cores
+    python benchmarks/reproduce.py                 # every case x 3 seeds, 2 runs at a time: ~50-60 min on 2 cores
     python benchmarks/reproduce.py --cases SimLAP SupCon --seeds 0
     python benchmarks/reproduce.py --smoke         # tiny and quick, for CI (the figures mean nothing)
 
@@ -23,7 +23,7 @@ Cases (train.py flags):
     SimLAP N=0, N=1     --method simlap --pairs nearest --nearest-n N                 Fig. 8, with the filter
     SupCon-pairs N=0, N=1  --method supcon-arbitrary --pairs nearest --nearest-n N    Fig. 8, without it
                         (N=1: the classes sharing one attribute, ties included; "N=all" is the arbitrary case)
-    SimLAP-MoCo         --method simlap-moco                  the momentum variant (Table 1), if train.py has it
+    SimLAP-MoCo         --method simlap-moco                  the momentum variant (Table 1)
     SimLAP-pseudo       --method simlap --labels F            appendix C: F = 12 k-means clusters (eval.py --kmeans)
                                                               of the same seed's SimCLR backbone, no true label used
     untrained           the seed's network at step 0 (same constructor and seed as train.py), never trained
@@ -85,8 +85,6 @@ CASES = {"SimLAP": ["--method", "simlap"], "SupCon": ["--method", "supcon"], "Si
          "SimLAP N=0": nearest("simlap", 0), "SimLAP N=1": nearest("simlap", 1),
          "SupCon-pairs N=0": nearest("supcon-arbitrary", 0), "SupCon-pairs N=1": nearest("supcon-arbitrary", 1),
          "SimLAP-MoCo": ["--method", "simlap-moco"], "SimLAP-pseudo": ["--method", "simlap"]}
-if "simlap-moco" not in simlap.METHODS:
-    del CASES["SimLAP-MoCo"]
 PSEUDO_SOURCE = "SimCLR"  # SimLAP-pseudo trains on the k-means clusters of this case's backbone (same seed)
 
 
