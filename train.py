@@ -361,13 +361,7 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
     """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
     checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt."""
     main0 = rank() == 0
-    # the loader decodes (and crops variable-size images); two_views() augments whole batches on the device
-    train_set = simlap.TwoViews(run.train_raw if run.labels is None else simlap.Relabelled(run.train_raw, run.labels),
-                                args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
-    sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, drop_last=True)
+    sampler, loader = build_loader(args, run, device)
     announce(args, run, device, step)
 
     def save(path):
@@ -439,6 +433,18 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
     bar.close()
     if main0:
         finish(args, raw_model, knn_untrained, knn_last)
+
+
+def build_loader(args, run, device):
+    """-> (this rank's EpochSampler, its DataLoader of (uint8 images, labels, indices)). The loader only decodes (and
+    crops variable-size images); two_views() augments whole batches on the device."""
+    train_set = simlap.TwoViews(run.train_raw if run.labels is None else simlap.Relabelled(run.train_raw, run.labels),
+                                args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
+    sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0, drop_last=True)
+    return sampler, loader
 
 
 def announce(args, run, device, step):
