@@ -46,9 +46,11 @@ def write_json(args, name, record):
     print(f"\nwrote {path}")
 
 
-def run_child(script, argv, what):
-    """Run a benchmark script in a fresh process; its last line on stdout is one JSON record, returned."""
-    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True)
+def run_child(script, argv, what, env=None):
+    """Run a benchmark script in a fresh process (env: extra environment variables); its last line on stdout is one
+    JSON record, returned."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

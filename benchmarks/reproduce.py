@@ -63,7 +63,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +74,7 @@ sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
 import simlap  # noqa: E402
 import train  # noqa: E402
-from common import add_output_flags, machine_info, write_json  # noqa: E402  (benchmarks/common.py)
+from common import add_output_flags, machine_info, run_child, write_json  # noqa: E402  (benchmarks/common.py)
 
 UNSEEN = (0, 1, 4, 5)  # {red, green} x {circle, square}
 SEEN = tuple(i for i in range(16) if i not in UNSEEN)
@@ -198,17 +197,12 @@ def run(args, case, seed, sets):
     return res
 
 
-def run_child(args, case, seed):
+def run_one(args, case, seed):
     """One run in a fresh process with one CPU thread (so that --jobs runs share the cores evenly)."""
-    argv = [sys.executable, os.path.abspath(__file__), "--child", case, str(seed), "--seeds", str(seed),
-            "--epochs", str(args.epochs), "--per-class", str(args.per_class), "--image-size", str(args.image_size),
-            "--eval-per-class", str(args.eval_per_class), "--runs-dir", args.runs_dir] + (["--smoke"] * args.smoke)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{case} seed {seed} failed (exit {proc.returncode}); rerun it alone with --jobs 1 "
-                           f"--cases '{case}' --seeds {seed} to see why")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--child", case, str(seed), "--seeds", str(seed), "--epochs", str(args.epochs), "--per-class",
+            str(args.per_class), "--image-size", str(args.image_size), "--eval-per-class", str(args.eval_per_class),
+            "--runs-dir", args.runs_dir] + (["--smoke"] * args.smoke)
+    return run_child(__file__, argv, f"{case} seed {seed}", env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -388,7 +382,7 @@ def main(argv=None):
                 rows.append(run(args, case, seed, sets))
             else:
                 wait = futures.get((PSEUDO_SOURCE, seed)) if case == "SimLAP-pseudo" else None
-                futures[case, seed] = pool.submit(lambda c, s, w: (w and w.result(), run_child(args, c, s))[1],
+                futures[case, seed] = pool.submit(lambda c, s, w: (w and w.result(), run_one(args, c, s))[1],
                                                   case, seed, wait)
                 continue
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "knn_curve"}), flush=True)
