@@ -407,19 +407,22 @@ class SimLAP(nn.Module):
                 y = instance_ids(len(y), y.device)
                 key_y = gather(y)
             pos = (y if self.method in ("supcon", "simclr") else y2)[:, None] == key_y[None, :]
-            sim = subspace_cosine(q1, k2, gates)
+            sim = subspace_cosine(q1, gather(q2) if k2 is None else k2, gates)
             values = torch.stack([loss.detach().float(), (gates > 0.5).float().sum(1).mean(), gate_entropy(gates),
                                   (sim * pos).sum() / pos.sum().clamp_min(1)]).tolist()
         return loss, dict(zip(("loss", "gate_open", "gate_entropy", "pos_sim"), values))
 
     def encode(self, x1, x2):
         """-> queries q1, q2 (B, D) of this rank's images and the keys k1, k2 (W*B, D) of the global batch, fp32.
-        Queries and keys are the projections f_P(f_E(x)), keys gathered with gradient; for simlap-moco the queries
-        are predictor(f_P(f_E(x))) and the keys the momentum encoder's projections, with no gradient."""
+        Queries and keys are the projections f_P(f_E(x)), keys gathered with gradient (None for supcon and simclr,
+        whose losses gather for themselves); for simlap-moco the queries are predictor(f_P(f_E(x))) and the keys
+        the momentum encoder's projections, with no gradient."""
         x = torch.cat([x1, x2])
         z = self.projector(self.backbone(x))
         if self.method != "simlap-moco":
             z1, z2 = z.float().chunk(2)
+            if self.method not in PAIR_METHODS:
+                return z1, z2, None, None
             return z1, z2, gather(z1, with_grad=True), gather(z2, with_grad=True)
         with torch.no_grad():
             k1, k2 = self.momentum_projector(self.momentum_backbone(x)).float().chunk(2)
