@@ -16,11 +16,8 @@ the folder of the weights), the K x D class gates to gates.png and their K x K o
 bad input (an impossible flag value, missing or corrupt weights, weights carrying pickled code, another arch, missing
 data or split, k larger than the bank) prints one line on stderr and exits with status 2, before anything is written.
 """
-import argparse
-import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -29,21 +26,9 @@ import torch.nn.functional as F
 import torchvision
 
 import simlap
-from simlap import nonneg_float, nonneg_int, positive_float, positive_int
+from simlap import UserError, nonneg_float, nonneg_int, one_line, positive_float, positive_int
 
-
-class UserError(Exception):
-    """A bad input: reported as one line on stderr with exit status 2, without a traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UserError(message)
-
-
-def one_line(e, limit=None):
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+PAPER_K = 10  # Table 3 reports kNN at k = 10: always reported beside --k
 
 
 # ----------------------------------------------------------------------------------------------- evaluations
@@ -90,6 +75,58 @@ def cluster_agreement(pred, true):
     return {"nmi": 1.0 if h == 0 else 2 * mi / h, "purity": (n.amax(1).sum() / n.sum()).item()}
 
 
+def kmeans(x, k, iters=20, seed=0, chunk=8192, init=None):
+    """Spherical k-means (Lloyd's algorithm with cosine similarity) of the rows of x (N, F), on x's device ->
+    labels (N,) long, centroids (K, F) with unit rows. Appendix C clusters SimCLR features into pseudo labels.
+    x is never copied: rows are L2-normalised chunk by chunk, so beyond x memory is O(chunk x (K + F) + K x F)
+    plus a few rows of N (2 + ln K of them while initialising), never an (N, K) matrix.
+    Initialisation: greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's default): each centroid is the
+    best of 2 + ln K rows drawn with probability ∝ squared distance (2 - 2 cos) to the nearest centroid so far,
+    drawn from torch.Generator(seed); or the rows of init. Each of the `iters` iterations assigns every row to
+    its most similar centroid. A cluster left empty takes the row farthest from its centroid (lowest similarity
+    first, never a cluster's last row), so every returned cluster is non-empty; centroids are then the
+    normalised means of their clusters. Deterministic for a seed on the CPU (on CUDA, index_add_'s atomic adds
+    may change the last bits)."""
+    N, dev = len(x), x.device
+    if not 1 <= k <= N or iters < 1:
+        raise ValueError(f"k-means needs 1 <= k <= N samples and iters >= 1 (got k={k}, N={N}, iters={iters})")
+    inv = torch.cat([rows.float().norm(dim=1).clamp_min(1e-12).reciprocal() for rows in x.split(chunk)])  # (N,)
+    units = lambda: (rows.float() * s[:, None] for rows, s in zip(x.split(chunk), inv.split(chunk)))  # noqa: E731
+    if init is not None:
+        centroids = F.normalize(init.to(dev, torch.float32), dim=1)
+    else:
+        gen, trials = torch.Generator(dev).manual_seed(seed), 2 + int(math.log(k))
+        centroids = torch.empty(k, x.shape[1], device=dev)
+        d2 = torch.full((N,), 4.0, device=dev)  # squared distance to the nearest centroid so far (4 = antipodal)
+        for j in range(k):  # greedy k-means++: of `trials` rows drawn with P ∝ d2, keep the one lowering Σ d2 most
+            pick = torch.multinomial(d2.clamp_min(1e-12), 1 if j == 0 else trials, True, generator=gen)
+            cand = x[pick].float() * inv[pick, None]  # (trials, F)
+            d2_cand = torch.minimum(d2, 2 - 2 * (x @ cand.T.to(x.dtype)).float().T * inv)  # (trials, N)
+            keep = d2_cand.sum(1).argmin()
+            centroids[j], d2 = cand[keep], d2_cand[keep]
+    for _ in range(iters):
+        sums, labels, best = torch.zeros_like(centroids), [], []
+        for u in units():  # (chunk, F) unit rows
+            sim, lab = (u @ centroids.T).max(1)  # (chunk, K) -> (chunk,): the only K-wide tensor
+            sums.index_add_(0, lab, u)
+            labels.append(lab), best.append(sim)
+        labels, best = torch.cat(labels), torch.cat(best)
+        counts = torch.bincount(labels, minlength=k)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if len(empty):  # re-seed: move the farthest rows there, each cluster keeping at least its nearest row
+            order = best.argsort(stable=True)  # farthest first
+            lab = labels[order]
+            grouped = lab.argsort(stable=True)  # positions in `order`, cluster by cluster, farthest first
+            rank = torch.empty_like(order)
+            rank[grouped] = torch.arange(N, device=dev) - (counts.cumsum(0) - counts)[lab[grouped]]
+            moved = order[rank < counts[lab] - 1][: len(empty)]
+            u = x[moved].float() * inv[moved, None]
+            sums.index_add_(0, labels[moved], -u).index_add_(0, empty, u)
+            labels[moved] = empty
+        centroids = F.normalize(sums, dim=1)
+    return labels, centroids
+
+
 def singular_values(feats):
     """Singular values, descending, of the embeddings (N, F) after centring -> (min(N, F),) float64. Centring
     keeps the mean direction from adding one large value unrelated to collapse. (Jing et al. 2022 plot the
@@ -134,12 +171,12 @@ def similarity_overlap(feats, labels, bins=100, max_samples=10_000, chunk=1024, 
 
 
 @torch.no_grad()
-def class_gates(filter):
-    """g(y) = filter(y) for every class y = 0..K-1 (eq. 4), with the filter in eval mode -> (K, D) float32 CPU."""
-    was_training = filter.training
-    filter.eval()
-    gates = filter(torch.arange(filter.num_classes, device=filter.embed.weight.device)).float().cpu()
-    filter.train(was_training)
+def class_gates(feature_filter):
+    """g(y) for every class y = 0..K-1 (eq. 4), with the filter in eval mode -> (K, D) float32 CPU."""
+    was_training = feature_filter.training
+    feature_filter.eval()
+    gates = feature_filter.class_gates().float().cpu()
+    feature_filter.train(was_training)
     return gates
 
 
@@ -151,7 +188,7 @@ def gate_analysis(gates, label_embed=None, attributes=None, png=None):
     share an attribute against pairs that share none. png: pictures of both (save_gate_pictures)."""
     sharp = F.normalize((gates > 0.5).float(), dim=1)  # (K, D), unit rows (zero rows stay zero)
     overlap = sharp @ sharp.T  # (K, K)
-    open_dims, entropy = (gates > 0.5).sum(1), torch.stack([simlap.gate_entropy(g) for g in gates])  # (K,), (K,)
+    open_dims, entropy = (gates > 0.5).sum(1), simlap.gate_entropy(gates, dim=1)  # (K,), (K,)
     out = {"mean_open_dims": open_dims.float().mean().item(), "mean_entropy": entropy.mean().item(),
            "open_dims": open_dims.tolist(), "entropy": entropy.tolist(), "gate_overlap": overlap.tolist()}
     if label_embed is not None:
@@ -186,6 +223,23 @@ def save_gate_pictures(gates, overlap, png):
 
 
 # ----------------------------------------------------------------------------------------------- loading
+# One entry per arch: a state_dict key and its shape that only this arch's backbone has (for any image size), so a
+# weights file can say which arch it holds. Add a row with every new arch (a test checks that each is recognised).
+ARCH_SIGNATURES = {"convnet": ("0.weight", (32, 3, 3, 3)),  # the stride-2 stem
+                   "resnet18": ("layer1.0.conv1.weight", (64, 64, 3, 3)),  # basic blocks: 3x3 first conv
+                   "resnet50": ("layer1.0.conv1.weight", (64, 64, 1, 1)),  # bottlenecks: 1x1 first conv
+                   "vit_tiny": ("class_token", (1, 1, 192)), "vit_small": ("class_token", (1, 1, 384)),
+                   "vit_base": ("class_token", (1, 1, 768))}
+
+
+def arch_of(state):
+    """The arch whose backbone state_dict `state` is, by ARCH_SIGNATURES; None if it is none of them."""
+    for arch, (key, shape) in ARCH_SIGNATURES.items():
+        if isinstance(state, dict) and tuple(getattr(state.get(key), "shape", ())) == shape:
+            return arch
+    return None
+
+
 def read(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
@@ -210,7 +264,7 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
     if checkpoint:
         ckpt = read(checkpoint, "--checkpoint")
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("args"), dict)):
-            held = simlap.arch_of(ckpt)
+            held = arch_of(ckpt)
             raise UserError(f"--checkpoint {checkpoint} is not a SimLAP checkpoint (a dict with 'model' and 'args')"
                             + (f"; it holds a bare {held} backbone: pass it as --backbone" if held else ""))
         a = ckpt["args"]
@@ -225,7 +279,7 @@ def load_weights(checkpoint=None, backbone=None, arch=None):
         load_strict(model, ckpt["model"], checkpoint)
         return model.backbone, model, dict(a)
     state = read(backbone, "--backbone")
-    held = simlap.arch_of(state)  # read off its keys and shapes
+    held = arch_of(state)  # read off its keys and shapes
     if arch and held and arch != held:
         raise UserError(f"--backbone {backbone} holds a {held} backbone, but --arch {arch} was asked for; "
                         f"pass --arch {held}")
@@ -274,15 +328,14 @@ def all_features(backbone, splits, args, device, source):
                                              pin_memory=device.type == "cuda")
         feats[split] = simlap.extract_features(backbone, loader, device, desc=f"features ({split})")
     if args.cache_features:
-        torch.save({"source": source, "feats": feats}, args.cache_features + ".tmp")
-        os.replace(args.cache_features + ".tmp", args.cache_features)
+        simlap.save_atomic({"source": source, "feats": feats}, args.cache_features)
     return feats
 
 
-def check_labels(path, dataset, train_set):
+def check_labels(args, dataset, splits):
     """--labels FILE: its pseudo labels (N,), refused unless they label exactly this train split, in its order."""
     try:
-        return simlap.load_labels(path, dataset, train_set)[0]
+        return simlap.load_labels(args.labels, dataset, splits["train"])[0]
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -292,21 +345,20 @@ def pseudo_labels(args, feats, true, train_set, source, out_dir, device):
     one label per training sample in the data set's index order, the centroids, and what train.py --labels
     checks (data set, size, fingerprint); returns the clusters' agreement with the true labels."""
     tic = time.time()
-    labels, centroids = simlap.kmeans(feats.to(device), args.kmeans, args.kmeans_iters, args.kmeans_seed)
+    labels, centroids = kmeans(feats.to(device), args.kmeans, args.kmeans_iters, args.kmeans_seed)
     res = {"clusters": args.kmeans, "iters": args.kmeans_iters, "seed": args.kmeans_seed,
            "seconds": time.time() - tic, **cluster_agreement(labels.cpu(), true)}
     path = os.path.join(out_dir, f"pseudo_labels_{args.kmeans}.pt")
-    torch.save({"labels": labels.cpu(), "centroids": centroids.cpu(), "num_clusters": args.kmeans,
-                "dataset": source["dataset"], "num_samples": len(labels), "fingerprint": simlap.fingerprint(train_set),
-                "source": source, **res}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    simlap.save_atomic({"labels": labels.cpu(), "centroids": centroids.cpu(), "num_clusters": args.kmeans,
+                        "dataset": source["dataset"], "num_samples": len(labels),
+                        "fingerprint": simlap.fingerprint(train_set), "source": source, **res}, path)
     return {"file": path, **res}
 
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser():
     """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
-    p = Parser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
+    p = simlap.Parser(description="kNN, linear probe and the paper's analyses of a SimLAP encoder.")
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="checkpoint.pt from train.py (model and train args)")
     weights.add_argument("--backbone", help="backbone.pt from train.py (a bare state_dict)")
@@ -323,9 +375,10 @@ def build_parser():
                         "stem, else 224; a ViT's own size)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="feature extraction batch (default: 256)")
     p.add_argument("--workers", type=nonneg_int, default=4, help="data loader workers (default: 4)")
-    p.add_argument("--k", type=positive_int, default=20,
-                   help="kNN neighbours; k=10 is always reported too (default: 20)")
-    p.add_argument("--temperature", type=positive_float, default=0.07, help="kNN vote temperature T (default: 0.07)")
+    p.add_argument("--k", type=positive_int, default=simlap.KNN_K,
+                   help=f"kNN neighbours; k={PAPER_K} is always reported too (default: {simlap.KNN_K})")
+    p.add_argument("--temperature", type=positive_float, default=simlap.KNN_T,
+                   help=f"kNN vote temperature T (default: {simlap.KNN_T})")
     p.add_argument("--probe-iters", type=positive_int, default=300,
                    help="L-BFGS iterations of the probe (default: 300)")
     p.add_argument("--probe-wd", type=nonneg_float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
@@ -333,7 +386,8 @@ def build_parser():
                    "weights)")
     p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
                                                             "(default: kept in memory only)")
-    p.add_argument("--kmeans", type=simlap.ranged(int, 2), metavar="K", help="also cluster the train-split features into K pseudo labels "
+    p.add_argument("--kmeans", type=simlap.ranged(int, 2), metavar="K",
+                   help="also cluster the train-split features into K pseudo labels "
                    "(spherical k-means, appendix C), saved to OUTPUT_DIR/pseudo_labels_K.pt for train.py --labels")
     p.add_argument("--kmeans-iters", type=positive_int, default=20, help="k-means iterations (default: 20)")
     p.add_argument("--kmeans-seed", type=nonneg_int, default=0, help="k-means++ seed (default: 0)")
@@ -357,9 +411,37 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
     backbone, model, info = load_weights(args.checkpoint, args.backbone, args.arch)
-    weights = args.checkpoint or args.backbone
+    setting, splits, given = load_eval_data(args, backbone, info)  # user errors surface here, before any write
+    backbone.to(args.device)
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
+    feats = all_features(backbone, splits, args, args.device, setting)
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    out_dir = args.output_dir or os.path.dirname(setting["weights"])
+    os.makedirs(out_dir, exist_ok=True)
+    res = {"checkpoint": args.checkpoint, "backbone": args.backbone, "arch": info["arch"],
+           "trained_on": info.get("dataset"), "dataset": setting["dataset"], "data": setting["data"],
+           "image_size": setting["image_size"], "num_train": len(train_y), "num_test": len(test_y),
+           "feature_dim": train_f.shape[1]}
+    if given is not None:
+        res["labels"] = {"file": args.labels, **cluster_agreement(given, train_y)}
+    if args.kmeans:
+        res["kmeans"] = pseudo_labels(args, train_f, train_y, splits["train"], setting, out_dir, args.device)
+    res.update(classify(args, feats))
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
+    if changed:  # a bug, not a bad input: let it raise with a traceback
+        raise RuntimeError(f"the backbone changed during evaluation ({', '.join(changed[:3])}, ...)")
+    res.update(analyses(model, info, test_f, test_y, args.device, out_dir))
+    path = os.path.join(out_dir, "eval.json")
+    simlap.save_atomic(res, path, save=simlap.save_json)
+    print_table(res)
+    print(f"wrote {path}")
+    return res
+
+
+def load_eval_data(args, backbone, info):
+    """-> (the setting the features come from, the {"train", "test"} splits, the --labels file's labels or None),
+    refusing what cannot be evaluated."""
     dataset, data = args.dataset or info.get("dataset") or "synthetic", args.data or info.get("data")
     size = args.image_size or info.get("image_size") or (32 if info["small_images"] else 224)
     if getattr(backbone, "image_size", size) != size:  # a ViT takes only the size its position embedding fits
@@ -368,53 +450,44 @@ def main(argv=None):
     # a checkpoint trained on some synthetic classes (--synthetic-classes) is evaluated on those by default
     classes = info.get("synthetic_classes") if dataset == info.get("dataset") == "synthetic" else None
     splits = {s: load_split(dataset, data, s, size, per_class, args.download, classes) for s in ("train", "test")}
-    ks = list(dict.fromkeys((args.k, 10)))  # the paper's Table 3 reports k=10
-    if max(ks) > len(splits["train"]):
-        raise UserError(f"k={max(ks)} is larger than the kNN bank ({len(splits['train'])} train samples)")
-    given = check_labels(args.labels, dataset, splits["train"]) if args.labels else None
-    if args.kmeans is not None and not (2 <= args.kmeans <= len(splits["train"]) and args.kmeans_iters >= 1):
-        raise UserError(f"--kmeans {args.kmeans} --kmeans-iters {args.kmeans_iters}: give 2 to {len(splits['train'])} "
+    n_train = len(splits["train"])
+    if max(args.k, PAPER_K) > n_train:
+        raise UserError(f"k={max(args.k, PAPER_K)} is larger than the kNN bank ({n_train} train samples)")
+    if args.kmeans is not None and not (2 <= args.kmeans <= n_train and args.kmeans_iters >= 1):
+        raise UserError(f"--kmeans {args.kmeans} --kmeans-iters {args.kmeans_iters}: give 2 to {n_train} "
                         "(the train samples) clusters and at least 1 iteration")
-    backbone.to(device)
-    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
-    source = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
-              "data": data, "image_size": size, "synthetic_per_class": per_class,
-              "synthetic_classes": classes}
-    feats = all_features(backbone, splits, args, device, source)
+    weights = args.checkpoint or args.backbone
+    setting = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
+               "data": data, "image_size": size, "synthetic_per_class": per_class, "synthetic_classes": classes}
+    return setting, splits, check_labels(args, dataset, splits) if args.labels else None
+
+
+def classify(args, feats):
+    """Weighted kNN at --k and at the paper's k = 10, and the linear probe, on the test split's features."""
     (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
-    out_dir = args.output_dir or os.path.dirname(os.path.abspath(weights))
-    os.makedirs(out_dir, exist_ok=True)
-    res = {"checkpoint": args.checkpoint, "backbone": args.backbone, "arch": info["arch"],
-           "trained_on": info.get("dataset"), "dataset": dataset, "data": data, "image_size": size,
-           "num_train": len(train_y), "num_test": len(test_y), "feature_dim": train_f.shape[1]}
-    if given is not None:
-        res["labels"] = {"file": args.labels, **cluster_agreement(given, train_y)}
-    if args.kmeans:
-        res["kmeans"] = pseudo_labels(args, train_f, train_y, splits["train"], source, out_dir, device)
-
-    res["knn"], bank, bank_y, queries = {}, train_f.to(device), train_y.to(device), test_f.to(device)
-    for k in ks:
+    bank, bank_y, queries, knn = train_f.to(args.device), train_y.to(args.device), test_f.to(args.device), {}
+    for k in sorted({args.k, PAPER_K}, key=lambda k: k != args.k):  # --k first
         pred = simlap.knn_classify(bank, bank_y, queries, k, args.temperature).cpu()
-        res["knn"][f"k={k} T={args.temperature:g}"] = 100 * (pred == test_y).float().mean().item()
-    res["linear_probe"] = {**linear_probe(train_f, train_y, test_f, test_y, iters=args.probe_iters,
-                                          weight_decay=args.probe_wd, device=device),
-                           "iters": args.probe_iters, "weight_decay": args.probe_wd}
-    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
-    if changed:  # a bug, not a bad input: let it raise with a traceback
-        raise RuntimeError(f"the backbone changed during evaluation ({', '.join(changed[:3])}, ...)")
+        knn[f"k={k} T={args.temperature:g}"] = 100 * (pred == test_y).float().mean().item()
+    probe = linear_probe(train_f, train_y, test_f, test_y, iters=args.probe_iters, weight_decay=args.probe_wd,
+                         device=args.device)
+    return {"knn": knn, "linear_probe": {**probe, "iters": args.probe_iters, "weight_decay": args.probe_wd}}
 
+
+def analyses(model, info, test_f, test_y, device, out_dir):
+    """Dimensional collapse (Fig. 3b) of the backbone and projector embeddings, the similarity distributions
+    (Fig. 4), and for the methods with a filter the class gates (Fig. 9, 12)."""
     embeddings = {"backbone": test_f}  # on the eval split
     if model is not None:
         projector = model.projector.to(device).eval()
         with torch.no_grad():
             embeddings["projector"] = torch.cat([projector(b.to(device)).float().cpu() for b in test_f.split(1024)])
-    res["collapse"] = {}
+    res = {"collapse": {}}
     for name, e in embeddings.items():
         s = singular_values(e)
         res["collapse"][name] = {"effective_rank": effective_rank(s), "dim": e.shape[1], "singular_values": s.tolist()}
     res["similarity"] = similarity_overlap(test_f, test_y)
-
-    if model is not None and info.get("method", "simlap") in simlap.FILTER_METHODS:  # the others train no filter
+    if model is not None and simlap.METHODS[info.get("method", "simlap")].filter:  # the others train no filter
         # Ground truth: the attributes of the classes the filter was trained on. So it needs a synthetic training
         # set; the eval set plays no part in the gates.
         attributes = None
@@ -423,13 +496,6 @@ def main(argv=None):
             attributes = attributes if len(attributes) == model.num_classes else None
         png = os.path.join(out_dir, "gates.png")
         res["gates"] = gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png)
-
-    path = os.path.join(out_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(path + ".tmp", path)
-    print_table(res)
-    print(f"wrote {path}")
     return res
 
 
@@ -443,11 +509,7 @@ def print_table(res, prefix=""):
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    simlap.cli(main, "eval.py", argv)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,26 @@
 """SimLAP: contrastive learning from arbitrary class pairs (Wu et al., arXiv 2410.18200), in one module.
 
-    backbone  f_E : image -> h            (build_backbone; only this is kept after training)
-    projector f_P : h -> z  (B, D)        (Projector, Table 5b)
-    filter        : (y1, y2) -> g (B, D)  (FeatureFilter, eq. 3 / Table 5c)
-    loss          : InfoNCE on g ⊙ z      (simlap_loss, eq. 2)
+    backbone  f_E : image -> h             (build_backbone; only this is kept after training)
+    projector f_P : h -> z  (B, D)         (Projector, Table 5b)
+    filter        : (y1, y2) -> g (B, D)   (FeatureFilter, eq. 3 / Table 5c)
+    loss          : InfoNCE on g ⊙ z       (simlap_loss_reference = eq. 2 as written; simlap_loss = the same, fast)
 
-Any two classes may be a positive pair: the filter opens the subspace where the two share features, and
-samples of neither class are the negatives. The paper's baselines are SimLAP(method=...) too: 'supcon'
-(supcon_loss, Khosla et al.), 'simclr' (nt_xent_loss, Chen et al.), 'hydra' (NT-Xent + the SimLAP loss, as the
-authors' erow/hydra) and 'supcon-arbitrary' (the SimLAP loss with all-ones gates). 'simlap-moco', the paper's
-SimLAP-MoCo (Table 1), adds a momentum encoder and a predictor (MoCo v3): queries from the predictor, keys from the
-momentum encoder, and MoCo v3's loss (moco_loss) beside the SimLAP loss. train.py and eval.py import everything
-they share from here.
+Any two classes may be a positive pair: the filter opens the subspace where the two share features, and samples
+of neither class are the negatives. Read in order:
+    I.   The method: filter, gate penalty, partner sampling, eq. 2 (torch only: copy this part alone).
+    II.  The model: heads, the baselines' losses, METHODS (what each method uses), SimLAP, LARS, backbones.
+    III. What train.py and eval.py share: distributed helpers, data, augmentation, kNN, command-line helpers.
 """
 import argparse
 import copy
 import hashlib
+import json
 import math
 import os
 import re
+import sys
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,118 +29,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-METHODS = ("simlap", "supcon", "simclr", "hydra", "supcon-arbitrary", "simlap-moco")
-PAIR_METHODS = ("simlap", "hydra", "supcon-arbitrary", "simlap-moco")  # the methods that draw partner classes (eq. 2)
-FILTER_METHODS = ("simlap", "hydra", "simlap-moco")  # the methods that train the feature filter
-PAIR_MODES = ("arbitrary", "arbitrary-uniform", "identical", "distinct", "nearest")
-ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
-FIXED_SIZE = ("synthetic", "cifar10", "cifar100", "stl10")  # every image the same size: cropped batched, on device
 
-
-# ----------------------------------------------------------------------------------------------- distributed
-def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather(x, with_grad=False):
-    """Concatenate x from all ranks along dim 0 (a no-op in one process). Plain all_gather has no gradient:
-    keys need it (with_grad=True) so that the update equals the single-process update on the global batch."""
-    if world_size() == 1:
-        return x
-    if with_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x))
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out)
-
-
-def instance_ids(n, device):
-    """Global ids of this rank's n images, unique across ranks (every rank holds n)."""
-    return torch.arange(n, device=device) + rank() * n
-
-
-def ddp_divisor(count):
-    """What a rank divides its loss sum by: the count summed over ranks / world size (at least 1 / world size).
-    DDP averages gradients over ranks, so the update then equals the single-process update on the global batch."""
-    if world_size() > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-    return count.clamp_min(1) / world_size()
-
-
-# ----------------------------------------------------------------------------------------------- networks
-def build_backbone(arch, small_images=False, image_size=None):
-    """Randomly initialised encoder f_E -> (module, feature_dim). Nothing is downloaded.
-    small_images (32-96 px): ResNets get the CIFAR stem (3x3 conv, stride 1, no max-pool); ViTs get patch 4.
-    convnet: a small CNN for CPU runs, tests and the demo (not in the paper)."""
-    if arch == "convnet":
-        return convnet()
-    if arch in ("resnet18", "resnet50"):
-        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
-        if small_images:
-            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, dim
-    if arch in ("vit_tiny", "vit_small", "vit_base"):
-        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
-        size = image_size or (32 if small_images else 224)
-        net = torchvision.models.VisionTransformer(image_size=size, patch_size=4 if small_images else 16,
-                                                   num_layers=12, num_heads=heads, hidden_dim=width,
-                                                   mlp_dim=4 * width)
-        net.heads = nn.Identity()  # forward() then returns the class-token feature
-        return net, width
-    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-
-
-def convnet(widths=(32, 64, 128, 256)):
-    """Four conv-BN-ReLU stages, the first with stride 2, the others after a 2x2 max-pool, then global average
-    pooling: 0.39M parameters, ~4M multiply-adds for a 32 px image, any input size. -> (module, feature_dim)"""
-    layers, c_in = [], 3
-    for i, c in enumerate(widths):
-        pool = [nn.MaxPool2d(2, ceil_mode=True)] if i else []
-        layers += pool + [nn.Conv2d(c_in, c, 3, 1 if i else 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-        c_in = c
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
-
-
-# One entry per arch: a state_dict key and its shape that only this arch's backbone has (for any image size), so a
-# weights file can say which arch it holds. Add a row with every new arch (a test checks that each is recognised).
-ARCH_SIGNATURES = {"convnet": ("0.weight", (32, 3, 3, 3)),  # the stride-2 stem
-                   "resnet18": ("layer1.0.conv1.weight", (64, 64, 3, 3)),  # basic blocks: 3x3 first conv
-                   "resnet50": ("layer1.0.conv1.weight", (64, 64, 1, 1)),  # bottlenecks: 1x1 first conv
-                   "vit_tiny": ("class_token", (1, 1, 192)), "vit_small": ("class_token", (1, 1, 384)),
-                   "vit_base": ("class_token", (1, 1, 768))}
-
-
-def arch_of(state):
-    """The arch whose backbone state_dict `state` is, by ARCH_SIGNATURES; None if it is none of them."""
-    for arch, (key, shape) in ARCH_SIGNATURES.items():
-        if isinstance(state, dict) and tuple(getattr(state.get(key), "shape", ())) == shape:
-            return arch
-    return None
-
-
-class Projector(nn.Sequential):
-    """An MLP head of `layers` Linear maps in_dim -> hidden_dim -> ... -> out_dim, BatchNorm + ReLU between them.
-    The defaults are f_P of Table 5b: BN + ReLU on the backbone output first, and a final LayerNorm, which is what
-    keeps training stable (section 5.2). SimLAP-MoCo's heads (erow/hydra, after MoCo v3) start with a Linear
-    (norm_input=False): projector 3 layers ending in LayerNorm, predictor 2 layers without (norm_output=False)."""
-
-    def __init__(self, in_dim, hidden_dim=2048, out_dim=256, layers=2, norm_input=True, norm_output=True):
-        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
-        mlp = [nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True)] if norm_input else []
-        for d_in, d_out in zip(dims, dims[1:]):
-            mlp += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        super().__init__(*mlp[:-2], *([nn.LayerNorm(out_dim)] if norm_output else []))
-
-
+# ============================================================================================ I. The method
 class FeatureFilter(nn.Module):
     """Label pair -> gate vector in (0,1)^D: g(y1,y2) = sigmoid(f_g((f_l(y1) + f_l(y2)) / 2)) (eq. 3, Table 5c).
     With one label it is the class gate g(y) = sigmoid(f_g(f_l(y))) (eq. 4)."""
@@ -149,32 +40,34 @@ class FeatureFilter(nn.Module):
         self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes, embed_dim)  # f_l
         self.mlp = nn.Sequential(nn.BatchNorm1d(embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, hidden_dim),
-                                 nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+                                 nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))  # f_g
 
-    def logits(self, y1, y2=None):  # (B,) [, (B,)] -> (B, D), before the sigmoid
+    def forward(self, y1, y2=None):  # (B,) [, (B,)] -> (B, D)
         e = self.embed(y1) if y2 is None else (self.embed(y1) + self.embed(y2)) / 2  # symmetric in (y1, y2)
-        return self.mlp(e)
+        return torch.sigmoid(self.mlp(e))
 
-    def forward(self, y1, y2=None):
-        return torch.sigmoid(self.logits(y1, y2))
-
-
-def gate_penalty(filter):
-    """Eq. 5 with the sign fixed: the mean Bernoulli entropy of the K class gates g(y) (eq. 4).
-    The paper prints L_G = 1/(KD) sum g log g; minimising that pulls every gate to 1/e instead of to {0, 1}.
-    The entropy -[g log g + (1-g) log(1-g)] is minimal exactly at 0 and 1, which is the stated intent."""
-    z = filter.logits(torch.arange(filter.num_classes, device=filter.embed.weight.device)).float()  # (K, D)
-    g = torch.sigmoid(z)
-    return -(g * F.logsigmoid(z) + (1 - g) * F.logsigmoid(-z)).mean()
+    def class_gates(self):  # (K, D): g(y) of every class, eq. 4
+        return self(torch.arange(self.num_classes, device=self.embed.weight.device))
 
 
-def gate_entropy(g):
-    """Mean Bernoulli entropy (nats) of gate values g: 0 for binary gates, log 2 for g = 0.5."""
+def gate_entropy(g, dim=None):
+    """Mean Bernoulli entropy (nats) of gate values g: 0 for binary gates, log 2 at g = 0.5; over dim if given."""
     g = g.float().clamp(1e-7, 1 - 1e-7)
-    return -(g * g.log() + (1 - g) * (1 - g).log()).mean()
+    h = -(g * g.log() + (1 - g) * (1 - g).log())
+    return h.mean() if dim is None else h.mean(dim)
 
 
-# ----------------------------------------------------------------------------------------------- pairs
+def gate_penalty(feature_filter):
+    """L_G of eq. 5 with the sign fixed: the mean Bernoulli entropy of the K class gates g(y) (eq. 4).
+    The paper prints L_G = 1/(KD) Σ g log g; minimising that pulls every gate to 1/e instead of to {0, 1}.
+    The entropy -[g log g + (1-g) log(1-g)] is minimal exactly at 0 and 1, which is the stated intent."""
+    return gate_entropy(feature_filter.class_gates())
+
+
+PAIR_MODES = ("arbitrary", "arbitrary-uniform", "identical", "distinct", "nearest")
+
+
 def sample_partners(y, mode="arbitrary", batch_labels=None, num_classes=None, class_dist=None, n=1,
                     generator=None):
     """Partner class y2 for every anchor label y (B,) -> (B,) long; -1 where no valid partner is in the batch
@@ -210,10 +103,40 @@ def sample_partners(y, mode="arbitrary", batch_labels=None, num_classes=None, cl
     return torch.where(allowed.any(1), y2, torch.full_like(y2, -1))
 
 
-# ----------------------------------------------------------------------------------------------- loss
+def simlap_loss_reference(q, k, y, y2, gates, temperature=0.1, key_labels=None):
+    """Eq. 2 as the paper writes it. q (B, D) anchors, k (N, D) keys with labels key_labels (default y), y2 (B,)
+    partner classes, gates (B, D) = g(y, y2). Positives of anchor i: keys of class y2_i; negatives: keys of neither
+    y_i nor y2_i. The mean over all (anchor, positive) pairs; 0 if there is none. It builds a (B, N, D) tensor:
+    for reading and testing; train with simlap_loss, which computes the same value and gradient."""
+    key_labels = y if key_labels is None else key_labels
+    g = gates[:, None, :]  # (B, 1, D)
+    s = F.cosine_similarity(g * q[:, None, :], g * k[None, :, :], dim=-1) / temperature  # (B, N) s_ij / τ
+    pos = y2[:, None] == key_labels[None, :]  # (B, N)
+    neg = (y[:, None] != key_labels[None, :]) & ~pos
+    log_neg = s.masked_fill(~neg, -math.inf).logsumexp(1, keepdim=True)  # (B, 1) log Σ_n e^{s_in / τ}
+    nll = torch.logaddexp(s, log_neg) - s  # -log(e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n e^{s_in/τ}))
+    return nll[pos].sum() / pos.sum().clamp_min(1)
+
+
+def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, divisor=None, eps=1e-8):
+    """Eq. 2, fast: the value and gradient of simlap_loss_reference (same arguments) without a (B, N, D) tensor,
+    in fp32 (fp64 stays fp64) even under autocast. The sum over pairs is divided by their count, or by `divisor`
+    if given (under DDP each rank's share of the global count: see SimLAP.pair_loss). Keys of class y_i that are
+    not positives are neither; anchors without a positive (y2 = -1, or y2 absent from the keys) add nothing."""
+    key_labels = y if key_labels is None else key_labels
+    with torch.autocast(q.device.type, enabled=False):
+        dt = torch.promote_types(q.dtype, torch.float32)
+        dot, kn2 = subspace_products(q.to(dt), k.to(dt), gates.to(dt), 1 / temperature, eps)  # (B, N) each
+        pos = torch.eq(y2[:, None], key_labels[None, :], out=torch.empty_like(dot))  # (B, N) 0/1
+        neg = torch.eq(y[:, None], key_labels[None, :], out=torch.empty_like(dot))
+        neg = torch.maximum(neg, pos, out=neg).neg_().add_(1)  # neither class y_i nor y2_i
+        total = _PairInfoNCE.apply(dot, kn2, pos, neg, 1 / temperature, eps)
+        return total / (pos.sum().clamp_min(1) if divisor is None else divisor)
+
+
 def subspace_products(q, k, gates, scale=1.0, eps=1e-8):
-    """The two matrix products behind the subspace cosine of eq. 2, never a (B, N, D) tensor.
-    q (B, D), k (N, D), gates (B, D) -> dot, kn2 (B, N), with q, k unit-normalised and g = gates:
+    """The two matrix products behind the subspace cosine, never a (B, N, D) tensor. q (B, D), k (N, D) unit-
+    normalised here, g = gates (B, D) -> dot, kn2 (B, N):
       dot_ij = scale <g_i⊙q_i, g_i⊙k_j> / ‖g_i⊙q_i‖ = scale ((g²⊙q / ‖g⊙q‖) kᵀ)_ij
       kn2_ij = ‖g_i⊙k_j‖² = (g² (k⊙k)ᵀ)_ij
     so that dot_ij / sqrt(kn2_ij + eps²) = scale · cos(g_i⊙q_i, g_i⊙k_j). scale (1/τ in the loss) is applied to
@@ -228,30 +151,34 @@ def subspace_products(q, k, gates, scale=1.0, eps=1e-8):
 
 
 def subspace_cosine(q, k, gates, eps=1e-8):
-    """s[i, j] = cos(g_i ⊙ q_i, g_i ⊙ k_j), re-normalised inside anchor i's subspace (eq. 2): (B, N)."""
+    """s[i, j] = cos(g_i ⊙ q_i, g_i ⊙ k_j): key j against anchor i inside anchor i's subspace (eq. 2) -> (B, N)"""
     dot, kn2 = subspace_products(q, k, gates, eps=eps)
     return dot * (kn2 + eps * eps).rsqrt()
 
 
+EXP_MAX = 20.0  # exp() of masked-out logits is clamped here: finite, so that multiplying by the 0 mask gives 0
+LOG_MIN = -80.0  # x below this adds softplus(x) < e^-80 ≈ 2e-35 to the loss: nothing, but never -inf
+
+
 class _PairInfoNCE(torch.autograd.Function):
-    """Σ over positive pairs (i, p) of -log(e^{L_ip} / (e^{L_ip} + Σ_n e^{L_in})), L = dot / sqrt(kn2 + eps²), with
-    pos, neg (B, N) given as 0/1 floats. Forward and gradient are written out by hand, in few elementwise (B, N)
-    passes, most of them in place; autograd through bool masks, where and logaddexp took 1.4-1.9x as long on one
-    CPU thread (README, bench_loss). On a CPU, arithmetic on float masks is several times faster than
-    where/masked_fill on bool ones."""
+    """simlap_loss's kernel: Σ over positive pairs (i, p) of -log(e^{L_ip} / (e^{L_ip} + Σ_n e^{L_in})) with
+    L = dot / sqrt(kn2 + eps²) = s / τ and pos, neg (B, N) 0/1 floats. Forward and gradient are written out by hand
+    in a few elementwise (B, N) passes, mostly in place; arithmetic on 0/1 float masks instead of where() on bool
+    ones is what makes it fast on the CPU."""
 
     @staticmethod
     def forward(ctx, dot, kn2, pos, neg, bound, eps):
         rk = (kn2 + eps * eps).rsqrt_()  # 1 / ‖g_i⊙k_j‖
-        L = dot * rk  # logits s_ij / τ, |L| <= bound = 1/τ
-        # m_i ~ the largest negative logit (lifted by 3/τ, negatives top the row). Any shift gives the same value;
-        # this one keeps exp from overflowing or underflowing. The clamp only touches non-negatives (masked out).
+        L = dot * rk  # (B, N) logits, |L| <= bound = 1/τ
+        # m_i, the log-sum-exp shift: lifting negatives by 3 bound puts each above every non-negative (>= 2 bound
+        # against <= bound), so the row max is the largest negative logit. Any shift gives the same value.
         m = torch.add(L, neg, alpha=3 * bound).amax(1, keepdim=True).sub_(3 * bound)  # (B, 1)
-        E = (L - m).clamp_max_(20).exp_().mul_(neg)  # e^{L_in - m_i} on negatives, 0 elsewhere
+        # Negatives have L - m <= 0; masked-out entries can reach 2 bound, whose exp overflows fp32 at τ = 0.01.
+        E = (L - m).clamp_max_(EXP_MAX).exp_().mul_(neg)  # e^{L_in - m_i} on negatives, 0 elsewhere
         S = E.sum(1, keepdim=True)  # (B, 1)
-        x = (m + S.log() - L).clamp_min_(-80)  # log Σ_n e^{L_in} - L_ij (-inf without negatives: the term is 0)
+        x = (m + S.log() - L).clamp_min_(LOG_MIN)  # log Σ_n e^{L_in} - L_ij; -inf (S = 0) without negatives
         ctx.save_for_backward(rk, L, E, S, x, pos)
-        # Σ over positives of softplus(x) = max(x, 0) - log σ(|x|): no inf anywhere, so the 0s of pos stay 0
+        # Σ over positives of -log σ(-x) = softplus(x) = max(x, 0) - log σ(|x|): no inf, so the 0s of pos stay 0
         pos = pos.flatten()
         return torch.dot(x.relu().flatten(), pos) - torch.dot(x.abs().sigmoid_().log_().flatten(), pos)
 
@@ -264,26 +191,41 @@ class _PairInfoNCE(torch.autograd.Function):
         return d_dot, (d_dot * L).mul_(rk).mul_(-0.5), None, None, None, None
 
 
-def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, num_pairs=None, eps=1e-8):
-    """Universal contrastive loss, eq. 2, computed in fp32 (fp64 stays fp64) even under autocast.
+# ============================================================================================ II. The model
+class Projector(nn.Sequential):
+    """An MLP head of `layers` Linear maps in_dim -> hidden_dim -> ... -> out_dim, BatchNorm + ReLU between them.
+    The defaults are f_P of Table 5b: BN + ReLU on the backbone output first, and a final LayerNorm, which is what
+    keeps training stable (section 5.2). SimLAP-MoCo's heads (erow/hydra, after MoCo v3) start with a Linear
+    (norm_input=False): projector 3 layers ending in LayerNorm, predictor 2 layers without (norm_output=False)."""
 
-    q (B, D) anchors (view 1), k (N, D) keys (view 2), y (B,) anchor labels, y2 (B,) partner classes,
-    gates (B, D) = g(y, y2). key_labels (N,): labels of the keys (default y, i.e. N = B); under DDP the keys
-    and their labels are gathered from all ranks while the anchors stay local.
-    For anchor i: positives are keys with label y2[i], negatives keys whose label is neither y[i] nor y2[i]
-    (keys of class y[i] that are not positives are ignored). Each (anchor, positive) pair contributes
-      -log( e^{s_ip/τ} / (e^{s_ip/τ} + Σ_n e^{s_in/τ}) ),   s = subspace_cosine
-    and the loss is the mean over all pairs, or their sum / num_pairs if given (DDP: see SimLAP.pair_loss).
-    Anchors without a positive (y2 = -1, or y2 absent from the keys) add nothing: never NaN."""
-    key_labels = y if key_labels is None else key_labels
-    with torch.autocast(q.device.type, enabled=False):
-        dt = torch.promote_types(q.dtype, torch.float32)
-        dot, kn2 = subspace_products(q.to(dt), k.to(dt), gates.to(dt), 1 / temperature, eps)  # (B, N) each
-        pos = torch.eq(y2[:, None], key_labels[None, :], out=torch.empty_like(dot))  # (B, N) 0/1
-        neg = torch.eq(y[:, None], key_labels[None, :], out=torch.empty_like(dot))
-        neg = torch.maximum(neg, pos, out=neg).neg_().add_(1)  # neither class y_i nor y2_i
-        total = _PairInfoNCE.apply(dot, kn2, pos, neg, 1 / temperature, eps)
-        return total / (pos.sum().clamp_min(1) if num_pairs is None else num_pairs)
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=256, layers=2, norm_input=True, norm_output=True):
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+        mlp = [nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True)] if norm_input else []
+        for d_in, d_out in zip(dims, dims[1:]):
+            mlp += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        super().__init__(*mlp[:-2], *([nn.LayerNorm(out_dim)] if norm_output else []))
+
+
+class Method(NamedTuple):
+    pairs: bool  # draws a partner class per anchor and trains on eq. 2 (simlap_loss)
+    filter: bool  # the feature filter gates eq. 2 (else all-ones gates: the full space)
+    instance: str  # the loss on the views themselves: "" (none), "supcon", "nt_xent" or "moco"
+    momentum: bool  # MoCo v3: queries from a predictor, keys from a momentum encoder
+
+    @property
+    def weighted(self):  # both losses: (instance + β · pair) / (1 + β), as erow/hydra's moco/builder.py
+        return self.pairs and bool(self.instance)
+
+
+METHODS = {  # train.py --method; a new variant is a row here plus what is new about it
+    "simlap": Method(pairs=True, filter=True, instance="", momentum=False),  # the paper's method
+    "supcon": Method(pairs=False, filter=False, instance="supcon", momentum=False),  # Khosla et al. 2020
+    "simclr": Method(pairs=False, filter=False, instance="nt_xent", momentum=False),  # Chen et al. 2020
+    # the paper's Hydra is "SimCLR + feature filter" (the authors' builder uses MoCo v3: that is simlap-moco here)
+    "hydra": Method(pairs=True, filter=True, instance="nt_xent", momentum=False),
+    "supcon-arbitrary": Method(pairs=True, filter=False, instance="", momentum=False),  # "SupCon, arbitrary pairs"
+    "simlap-moco": Method(pairs=True, filter=True, instance="moco", momentum=True),  # SimLAP-MoCo, Table 1
+}
 
 
 def supcon_loss(z, y, temperature=0.1):
@@ -293,8 +235,7 @@ def supcon_loss(z, y, temperature=0.1):
     their labels. Each view i is an anchor against all views of the global batch (gathered with gradient):
       ℓ_i = -1/|P(i)| Σ_{p∈P(i)} log( e^{s_ip/τ} / Σ_{a∈A(i)} e^{s_ia/τ} ),   s = cosine,
     A(i) every view but i itself, P(i) those of A(i) with label y_i. The loss is the mean of ℓ_i over anchors with
-    a positive; anchors without one add nothing (never NaN). Under DDP (every rank holds M views) the divisor is
-    ddp_divisor's. Unlike
+    a positive; anchors without one add nothing (never NaN). Under DDP the divisor is ddp_divisor's. Unlike
     SupContrast's code there is no hidden τ / base_τ factor. Instance ids for y give SimCLR: nt_xent_loss."""
     with torch.autocast(z.device.type, enabled=False):
         z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
@@ -337,29 +278,25 @@ def moco_loss(q1, q2, k1, k2, temperature=0.2):
         return ctr(q1, k2) + ctr(q2, k1)
 
 
-# ----------------------------------------------------------------------------------------------- model
 class SimLAP(nn.Module):
-    """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats). The loss, by method:
-      simlap            simlap_loss (eq. 2) on drawn partner pairs (pairs=), gates g(y1, y2) from the filter
-      supcon-arbitrary  the same pairs with all-ones gates (the paper's "SupCon with arbitrary pairs")
-      hydra             (nt_xent_loss + beta · the simlap loss) / (1 + beta), as erow/hydra's moco/builder.py
-      simlap-moco       (moco_loss + beta · the simlap loss) / (1 + beta) on queries from a predictor and keys from
-                        a momentum encoder, as erow/hydra's moco/builder.py (see encode, update_momentum)
-      supcon, simclr    supcon_loss, nt_xent_loss: no partners, no filter
-    Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks (with gradient,
-    except the momentum encoder's keys, which have none)."""
+    """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats), the loss as METHODS[method]
+    says: eq. 2 on partner pairs (pairs=) gated by the filter or by all-ones gates, an instance loss, or both,
+    (instance + beta · pair) / (1 + beta). simlap-moco adds a predictor and a momentum encoder (encode,
+    update_momentum). Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks
+    (with gradient, except the momentum encoder's keys, which have none)."""
 
-    def __init__(self, arch="resnet18", num_classes=16, small_images=False, image_size=None, proj_hidden=2048,
-                 proj_dim=256, method="simlap", pairs="arbitrary", beta=1.0, temperature=0.1, gate_penalty=0.0,
+    def __init__(self, arch="resnet18", num_classes=16, *, small_images=False, image_size=None, proj_hidden=2048,
+                 proj_dim=256, method="simlap", pairs="arbitrary", beta=1.0, temperature=0.1, gate_weight=0.0,
                  class_dist=None, nearest_n=1):
         super().__init__()
         for name, value, allowed in (("method", method, METHODS), ("pair mode", pairs, PAIR_MODES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if method in PAIR_METHODS and pairs == "nearest" and class_dist is None:
+        self.spec = spec = METHODS[method]
+        if spec.pairs and pairs == "nearest" and class_dist is None:
             raise ValueError("pairs='nearest' needs a (K, K) class_dist")
         self.backbone, self.feature_dim = build_backbone(arch, small_images, image_size)
-        if method == "simlap-moco":  # erow/hydra's heads: projector in -> H -> H -> D, predictor D -> H -> D
+        if spec.momentum:  # erow/hydra's heads: projector in -> H -> H -> D, predictor D -> H -> D
             self.projector = Projector(self.feature_dim, proj_hidden, proj_dim, layers=3, norm_input=False)
             self.predictor = Projector(proj_dim, proj_hidden, proj_dim, norm_input=False, norm_output=False)
             # the momentum encoder: a copy of backbone + projector that only update_momentum changes
@@ -368,60 +305,55 @@ class SimLAP(nn.Module):
         else:
             self.projector = Projector(self.feature_dim, proj_hidden, proj_dim)
         self.filter = FeatureFilter(num_classes, proj_dim)  # kept by every method, so checkpoints match
+        if not spec.filter:
+            self.filter.requires_grad_(False)  # unused: keeps DDP and the optimizer away from it
         self.num_classes, self.method, self.pairs, self.beta = num_classes, method, pairs, beta
-        self.use_filter = method in FILTER_METHODS
-        self.temperature, self.gate_penalty, self.nearest_n = temperature, gate_penalty, nearest_n
+        self.temperature, self.gate_weight, self.nearest_n = temperature, gate_weight, nearest_n  # τ, λ of eq. 5
         self.register_buffer("class_dist", class_dist.float() if class_dist is not None else None, persistent=False)
         self.generator = None  # torch.Generator for partner sampling (train.py sets and checkpoints it)
-        if not self.use_filter:
-            self.filter.requires_grad_(False)  # unused: keeps DDP and the optimizer away from it
 
     def forward(self, x1, x2, y, y2=None, stats=False):
         """x1, x2 (B, 3, H, W) two views, y (B,) labels; y2 (B,) overrides the sampled partners.
         stats=True also returns plain floats (one host sync); training asks for them every few steps only."""
+        spec = self.spec
         q1, q2, k1, k2 = self.encode(x1, x2)
         key_y, gates = gather(y), torch.ones_like(q1)  # labels of the global batch; all-ones gates: the full space
-        if self.method == "supcon":
-            loss = supcon_loss(torch.cat([q1, q2]), torch.cat([y, y]), self.temperature)
-        elif self.method == "simclr":
-            loss = nt_xent_loss(q1, q2, self.temperature)
-        else:
+        if spec.pairs:
             if y2 is None:
                 y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
                                      self.generator)
-            if self.use_filter:
-                gates = self.filter(y, y2.clamp_min(0))  # (B, D)
-            loss = self.pair_loss(q1, q2, k1, k2, y, y2, key_y, gates)
-        if self.method in ("hydra", "simlap-moco"):  # + an instance loss, weighted as erow/hydra's moco/builder.py
-            # hydra: SimCLR's NT-Xent, since the paper's Hydra is "SimCLR + feature filter" (the authors' builder
-            # uses MoCo v3's loss against a momentum encoder: that is simlap-moco here).
-            instance = (nt_xent_loss(q1, q2, self.temperature) if self.method == "hydra"
-                        else moco_loss(q1, q2, k1, k2, self.temperature))
-            loss = (instance + self.beta * loss) / (1 + self.beta)
-        if self.gate_penalty > 0 and self.use_filter:
-            loss = loss + self.gate_penalty * gate_penalty(self.filter)
+            if spec.filter:
+                gates = self.filter(y, y2.clamp_min(0))  # (B, D), eq. 3
+            pos = y2[:, None] == key_y[None, :]  # (B, N): each anchor's positives, the keys of its partner class
+            loss = self.pair_loss(q1, q2, k1, k2, y, y2, key_y, gates, pos)
+        if spec.instance:
+            instance = {"supcon": lambda: supcon_loss(torch.cat([q1, q2]), torch.cat([y, y]), self.temperature),
+                        "nt_xent": lambda: nt_xent_loss(q1, q2, self.temperature),
+                        "moco": lambda: moco_loss(q1, q2, k1, k2, self.temperature)}[spec.instance]()
+            loss = (instance + self.beta * loss) / (1 + self.beta) if spec.pairs else instance
+        if self.gate_weight > 0 and spec.filter:
+            loss = loss + self.gate_weight * gate_penalty(self.filter)  # eq. 5
         if not stats:
             return loss, {}
-        with torch.no_grad():  # the positives of view-1 anchors among the view-2 keys, as this method has them
-            if self.method == "simclr":
-                y = instance_ids(len(y), y.device)
-                key_y = gather(y)
-            pos = (y if self.method in ("supcon", "simclr") else y2)[:, None] == key_y[None, :]
+        with torch.no_grad():  # view-1 anchors against view-2 keys, with the positives of this method
+            if not spec.pairs:  # supcon: the same label; simclr: the same image
+                ids = y if spec.instance == "supcon" else instance_ids(len(y), y.device)
+                pos = ids[:, None] == gather(ids)[None, :]
             sim = subspace_cosine(q1, gather(q2) if k2 is None else k2, gates)
             values = torch.stack([loss.detach().float(), (gates > 0.5).float().sum(1).mean(), gate_entropy(gates),
                                   (sim * pos).sum() / pos.sum().clamp_min(1)]).tolist()
         return loss, dict(zip(("loss", "gate_open", "gate_entropy", "pos_sim"), values))
 
     def encode(self, x1, x2):
-        """-> queries q1, q2 (B, D) of this rank's images and the keys k1, k2 (W*B, D) of the global batch, fp32.
-        Queries and keys are the projections f_P(f_E(x)), keys gathered with gradient (None for supcon and simclr,
-        whose losses gather for themselves); for simlap-moco the queries are predictor(f_P(f_E(x))) and the keys
-        the momentum encoder's projections, with no gradient."""
+        """-> queries q1, q2 (B, D) of this rank's images and keys k1, k2 (world_size · B, D) of the global batch,
+        fp32. Queries are the projections f_P(f_E(x)), or with a momentum encoder predictor(f_P(f_E(x))). Keys are
+        the queries gathered with gradient, or the momentum encoder's projections without; None for the methods
+        without pairs (supcon_loss gathers for itself)."""
         x = torch.cat([x1, x2])
         z = self.projector(self.backbone(x))
-        if self.method != "simlap-moco":
+        if not self.spec.momentum:
             z1, z2 = z.float().chunk(2)
-            if self.method not in PAIR_METHODS:
+            if not self.spec.pairs:
                 return z1, z2, None, None
             return z1, z2, gather(z1, with_grad=True), gather(z2, with_grad=True)
         with torch.no_grad():
@@ -436,15 +368,14 @@ class SimLAP(nn.Module):
         torch._foreach_mul_(momentum, m)
         torch._foreach_add_(momentum, [*self.backbone.parameters(), *self.projector.parameters()], alpha=1 - m)
 
-    def pair_loss(self, q1, q2, k1, k2, y, y2, key_y, gates):
-        """simlap_loss, symmetric in the two views (anchors q1 against keys k2, q2 against k1); every rank divides
-        by its share of the global pair count."""
-        num_pairs = ddp_divisor((y2[:, None] == key_y[None, :]).sum())
-        return (simlap_loss(q1, k2, y, y2, gates, self.temperature, key_y, num_pairs)
-                + simlap_loss(q2, k1, y, y2, gates, self.temperature, key_y, num_pairs)) / 2
+    def pair_loss(self, q1, q2, k1, k2, y, y2, key_y, gates, pos):
+        """simlap_loss, symmetric in the two views (anchors q1 against keys k2, q2 against k1). pos (B, N): the
+        positives, counted over all ranks so that each rank divides by its share of the global pair count."""
+        divisor = ddp_divisor(pos.sum())
+        return (simlap_loss(q1, k2, y, y2, gates, self.temperature, key_y, divisor)
+                + simlap_loss(q2, k1, y, y2, gates, self.temperature, key_y, divisor)) / 2
 
 
-# ----------------------------------------------------------------------------------------------- optimizer
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as in SimCLR/MoCo v3. Parameters with ndim <= 1 (biases, BN/LN weights) get
     neither weight decay nor the trust ratio: plain momentum SGD."""
@@ -472,6 +403,87 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group["lr"])
 
 
+
+
+ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
+
+
+def vit_patch(small_images):
+    return 4 if small_images else 16
+
+
+def build_backbone(arch, small_images=False, image_size=None):
+    """Randomly initialised encoder f_E -> (module, feature_dim). Nothing is downloaded.
+    small_images (32-96 px): ResNets get the CIFAR stem (3x3 conv, stride 1, no max-pool); ViTs get patch 4.
+    convnet: a small CNN for CPU runs, tests and the demo (not in the paper)."""
+    if arch == "convnet":
+        return convnet()
+    if arch in ("resnet18", "resnet50"):
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+        if small_images:
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    if arch in ("vit_tiny", "vit_small", "vit_base"):
+        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
+        size = image_size or (32 if small_images else 224)
+        net = torchvision.models.VisionTransformer(image_size=size, patch_size=vit_patch(small_images),
+                                                   num_layers=12, num_heads=heads, hidden_dim=width,
+                                                   mlp_dim=4 * width)
+        net.heads = nn.Identity()  # forward() then returns the class-token feature
+        return net, width
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def convnet(widths=(32, 64, 128, 256)):
+    """Four conv-BN-ReLU stages, the first with stride 2, the others after a 2x2 max-pool, then global average
+    pooling: 0.39M parameters, ~4M multiply-adds for a 32 px image, any input size. -> (module, feature_dim)"""
+    layers, c_in = [], 3
+    for i, c in enumerate(widths):
+        pool = [nn.MaxPool2d(2, ceil_mode=True)] if i else []
+        layers += pool + [nn.Conv2d(c_in, c, 3, 1 if i else 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
+
+
+# ============================================================================ III. What train.py and eval.py share
+# ----------------------------------------------------------------------------------------------- distributed
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather(x, with_grad=False):
+    """Concatenate x from all ranks along dim 0 (a no-op in one process). Plain all_gather has no gradient:
+    keys need it (with_grad=True) so that the update equals the single-process update on the global batch."""
+    if world_size() == 1:
+        return x
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+def instance_ids(n, device):
+    """Global ids of this rank's n images, unique across ranks (every rank holds n)."""
+    return torch.arange(n, device=device) + rank() * n
+
+
+def ddp_divisor(count):
+    """What a rank divides its loss sum by: the count summed over ranks / world size (at least 1 / world size).
+    DDP averages gradients over ranks, so the update then equals the single-process update on the global batch."""
+    if world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+    return count.clamp_min(1) / world_size()
+
+
 # ----------------------------------------------------------------------------------------------- data
 class SyntheticShapes(torch.utils.data.Dataset):
     """Offline data set with known class structure: class = (shape, colour), 4 x 4 = 16 classes by default.
@@ -485,8 +497,18 @@ class SyntheticShapes(torch.utils.data.Dataset):
     COLOURS = ((0.9, 0.15, 0.15), (0.15, 0.8, 0.2), (0.2, 0.3, 0.95), (0.95, 0.85, 0.1))
     COLOUR_NAMES = ("red", "green", "blue", "yellow")
 
+    NUM_CLASSES = len(SHAPES) * len(COLOURS)
+    TRAIN_PER_CLASS = 500  # the default size of the training split
+
+    @staticmethod
+    def test_per_class(train_per_class):
+        """The test split's size per class: a quarter of the training split's, at least 10, whatever loads it."""
+        return max(10, train_per_class // 4)
+
     def __init__(self, split="train", per_class=None, seed=0, classes=None, transform=None, size=32):
-        per_class = per_class or (500 if split == "train" else 100)
+        """per_class: images per class of this split (default: 500 train, test_per_class(500) = 125 test)."""
+        train_per_class = self.TRAIN_PER_CLASS
+        per_class = per_class or (train_per_class if split == "train" else self.test_per_class(train_per_class))
         all_attrs = torch.tensor([(s, c) for s in range(len(self.SHAPES)) for c in range(len(self.COLOURS))])
         classes = list(range(len(all_attrs))) if classes is None else list(classes)
         self.attributes = all_attrs[classes]  # (K, 2): shape id, colour id
@@ -714,16 +736,22 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.batch_size
 
 
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
+FIXED_SIZE = ("synthetic", "cifar10", "cifar100", "stl10")  # every image the same size: cropped batched, on device
+
+
 def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None,
                   synthetic_classes=None):
     """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
     root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path.
-    synthetic_per_class: train images per class of the synthetic set (test gets a quarter, at least 10);
-    synthetic_classes: keep only these class ids of it (None: all 16)."""
+    synthetic_per_class: train images per class of the synthetic set (default 500; the test split gets
+    SyntheticShapes.test_per_class of it); synthetic_classes: keep only these class ids of it (None: all 16)."""
     train = split == "train"
     tv = torchvision.datasets
     if name == "synthetic":
-        per_class = synthetic_per_class and (synthetic_per_class if train else max(10, synthetic_per_class // 4))
+        per_class = synthetic_per_class or SyntheticShapes.TRAIN_PER_CLASS
+        per_class = per_class if train else SyntheticShapes.test_per_class(per_class)
         return SyntheticShapes(split, per_class=per_class, classes=synthetic_classes, transform=transform)
     if name == "imagefolder":
         path = os.path.join(root or "", "train" if train else "val")
@@ -816,7 +844,10 @@ def extract_features(backbone, loader, device, desc=None):
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classes=None, chunk=1024):
+KNN_K, KNN_T = 20, 0.07  # the weighted kNN's neighbours and vote temperature (Wu et al. 2018; DINO)
+
+
+def knn_classify(train_feats, train_labels, test_feats, k=KNN_K, T=KNN_T, num_classes=None, chunk=1024):
     """Weighted kNN (Wu et al. 2018; DINO's eval_knn): cosine top-k neighbours vote for their class with
     weight exp(sim / T). Returns predictions (N_test,). Processed in chunks of test rows, so memory is
     O(chunk x N_train). Ties, by rule: among equal similarities the lower bank index is the nearer neighbour;
@@ -844,56 +875,6 @@ def knn_classify(train_feats, train_labels, test_feats, k=20, T=0.07, num_classe
 
 
 @torch.no_grad()
-def kmeans(x, k, iters=20, seed=0, chunk=8192, init=None):
-    """Spherical k-means (Lloyd's algorithm with cosine similarity) of the rows of x (N, F), on x's device ->
-    labels (N,) long, centroids (K, F) with unit rows. Appendix C clusters SimCLR features into pseudo labels.
-    x is never copied: rows are L2-normalised chunk by chunk, so beyond x memory is O(chunk x (K + F) + K x F)
-    plus a few rows of N (2 + ln K of them while initialising), never an (N, K) matrix.
-    Initialisation: greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's default): each centroid is the
-    best of 2 + ln K rows drawn with probability ∝ squared distance (2 - 2 cos) to the nearest centroid so far,
-    drawn from torch.Generator(seed); or the rows of init. Each of the `iters` iterations assigns every row to
-    its most similar centroid. A cluster left empty takes the row farthest from its centroid (lowest similarity
-    first, never a cluster's last row), so every returned cluster is non-empty; centroids are then the
-    normalised means of their clusters. Deterministic for a seed on the CPU (on CUDA, index_add_'s atomic adds
-    may change the last bits)."""
-    N, dev = len(x), x.device
-    if not 1 <= k <= N or iters < 1:
-        raise ValueError(f"k-means needs 1 <= k <= N samples and iters >= 1 (got k={k}, N={N}, iters={iters})")
-    inv = torch.cat([rows.float().norm(dim=1).clamp_min(1e-12).reciprocal() for rows in x.split(chunk)])  # (N,)
-    units = lambda: (rows.float() * s[:, None] for rows, s in zip(x.split(chunk), inv.split(chunk)))  # noqa: E731
-    if init is not None:
-        centroids = F.normalize(init.to(dev, torch.float32), dim=1)
-    else:
-        gen, trials = torch.Generator(dev).manual_seed(seed), 2 + int(math.log(k))
-        centroids = torch.empty(k, x.shape[1], device=dev)
-        d2 = torch.full((N,), 4.0, device=dev)  # squared distance to the nearest centroid so far (4 = antipodal)
-        for j in range(k):  # greedy k-means++: of `trials` rows drawn with P ∝ d2, keep the one lowering Σ d2 most
-            pick = torch.multinomial(d2.clamp_min(1e-12), 1 if j == 0 else trials, True, generator=gen)
-            cand = x[pick].float() * inv[pick, None]  # (trials, F)
-            d2_cand = torch.minimum(d2, 2 - 2 * (x @ cand.T.to(x.dtype)).float().T * inv)  # (trials, N)
-            keep = d2_cand.sum(1).argmin()
-            centroids[j], d2 = cand[keep], d2_cand[keep]
-    for _ in range(iters):
-        sums, labels, best = torch.zeros_like(centroids), [], []
-        for u in units():  # (chunk, F) unit rows
-            sim, lab = (u @ centroids.T).max(1)  # (chunk, K) -> (chunk,): the only K-wide tensor
-            sums.index_add_(0, lab, u)
-            labels.append(lab), best.append(sim)
-        labels, best = torch.cat(labels), torch.cat(best)
-        counts = torch.bincount(labels, minlength=k)
-        empty = (counts == 0).nonzero().squeeze(1)
-        if len(empty):  # re-seed: move the farthest rows there, each cluster keeping at least its nearest row
-            order = best.argsort(stable=True)  # farthest first
-            lab = labels[order]
-            grouped = lab.argsort(stable=True)  # positions in `order`, cluster by cluster, farthest first
-            rank = torch.empty_like(order)
-            rank[grouped] = torch.arange(N, device=dev) - (counts.cumsum(0) - counts)[lab[grouped]]
-            moved = order[rank < counts[lab] - 1][: len(empty)]
-            u = x[moved].float() * inv[moved, None]
-            sums.index_add_(0, labels[moved], -u).index_add_(0, empty, u)
-            labels[moved] = empty
-        centroids = F.normalize(sums, dim=1)
-    return labels, centroids
 # ----------------------------------------------------------------------------------------------- command line
 def ranged(kind, low, high=None, low_open=False, high_open=False):
     """argparse type= for an int or float (kind) in a range. Every numeric flag of train.py and eval.py takes one
@@ -937,3 +918,47 @@ def load_tensors(path):
             raise ValueError("contains pickled code/objects" + (f" ({found[1]})" if found else "") +
                              " that weights_only loading refuses; it was not loaded") from None
         raise ValueError(f"cannot be loaded (corrupt or not a torch file): {text[:200]}") from None
+
+
+class UserError(Exception):
+    """A mistake in the command or the files it names: cli() prints one line on stderr and exits with exit_code
+    (2), without a traceback and before anything is overwritten."""
+    exit_code, prefix = 2, "error: "
+
+
+def one_line(e, limit=None):
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UserError(message)
+
+
+def cli(main, prog, argv=None, cleanup=None):
+    """Run main(argv) as the command `prog`: a UserError becomes one line '<prog>: error: ...' on stderr and its
+    exit code; cleanup() runs first."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
+        if cleanup:
+            cleanup()
+        sys.exit(e.exit_code)
+
+
+def save_atomic(obj, path, save=None):
+    """save(obj, a temp file) (default torch.save), then os.replace: a crash mid-write leaves the previous file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        (save or torch.save)(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)

@@ -1,4 +1,4 @@
-"""Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, ~5 minutes on 2 cores).
+"""Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, about 1-2 minutes on 2 cores).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
 import argparse
 import copy
@@ -51,11 +51,48 @@ def test_loss_and_gradient_equal_brute_force(layout):
     for tau in (0.1, 0.5):
         ours = simlap.simlap_loss(*(t.requires_grad_() for t in (q, k)), y, y2, gates.requires_grad_(), tau)
         ref = brute_force_loss(q, k, y, y2, gates, tau)
+        readable = simlap.simlap_loss_reference(q, k, y, y2, gates, tau)
         assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (layout, tau, ours, ref)
+        assert torch.allclose(readable, ref, atol=1e-12, rtol=0), (layout, tau, readable, ref)
         # the hand-written backward against autograd through the brute force
         for a, b, name in zip(torch.autograd.grad(ours, (q, k, gates)), torch.autograd.grad(ref, (q, k, gates)),
                               "q k gates".split()):
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), (layout, tau, name)
+
+
+@pytest.mark.parametrize("case", ["one_class", "b2", "tiny_gates", "duplicates", "gathered_keys", "absent_partners",
+                                  "no_positive", "identical_partners"])
+def test_fast_loss_equals_the_readable_eq2_in_fp64(case):
+    """simlap_loss (two matmuls, hand-written backward) against simlap_loss_reference (eq. 2 as written, autograd):
+    values and gradients in float64, on the edge cases the fast kernel guards against."""
+    g = torch.Generator().manual_seed(21)
+    B, N, D = (2, 2, 6) if case == "b2" else (6, 15 if case in ("gathered_keys", "absent_partners") else 6, 6)
+    q, k = torch.randn(B, D, dtype=torch.float64, generator=g), torch.randn(N, D, dtype=torch.float64, generator=g)
+    gates = torch.rand(B, D, dtype=torch.float64, generator=g) * 0.98 + 0.01
+    key_y = torch.randint(0, 3, (N,), generator=g)
+    y = key_y[:B].clone()
+    y2 = key_y[torch.randint(0, N, (B,), generator=g)]
+    if case in ("one_class", "b2"):
+        y, key_y, y2 = torch.zeros(B, dtype=torch.long), torch.zeros(N, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    if case == "tiny_gates":
+        gates = gates * 1e-5  # the cosine is scale-invariant: same value, gradient x 1e5
+    if case == "duplicates":
+        q, k = q[:1].repeat(B, 1), q[:1].repeat(N, 1)
+    if case == "absent_partners":
+        y2[:3] = torch.tensor([-1, 7, 7])  # no partner, and a class no key has
+    if case == "no_positive":
+        y2[:] = -1
+    if case == "identical_partners":
+        y2 = y.clone()
+    args = (y, y2)
+    q, k, gates = (t.requires_grad_() for t in (q, k, gates))
+    fast = simlap.simlap_loss(q, k, *args, gates, 0.2, key_labels=key_y)
+    ref = simlap.simlap_loss_reference(q, k, *args, gates, 0.2, key_labels=key_y)
+    assert torch.allclose(fast, ref, atol=1e-10, rtol=1e-9), (case, fast, ref)
+    for a, b, name in zip(torch.autograd.grad(fast, (q, k, gates), allow_unused=True),
+                          torch.autograd.grad(ref, (q, k, gates), allow_unused=True), "q k gates".split()):
+        a, b = (torch.zeros_like(q if name == "q" else k if name == "k" else gates) if t is None else t for t in (a, b))
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-7), (case, name)
 
 
 def test_loss_in_fp32_at_small_temperature_matches_fp64_brute_force():
@@ -184,8 +221,8 @@ def test_model_methods_compute_their_losses():
         model.load_state_dict(state)
         loss, stats = model(x1, x2, y, y2, stats=True)
         assert torch.allclose(loss, ref, atol=1e-6), method
-        assert (stats["gate_open"] == 16) == (method not in simlap.FILTER_METHODS), method
-        assert model.filter.embed.weight.requires_grad == (method in simlap.FILTER_METHODS), method
+        assert (stats["gate_open"] == 16) == (not simlap.METHODS[method].filter), method
+        assert model.filter.embed.weight.requires_grad == simlap.METHODS[method].filter, method
         if method == "simclr":  # the stats' positives: the other view of each image, nothing else
             assert stats["pos_sim"] == pytest.approx(F.cosine_similarity(z1, z2).mean().item(), abs=1e-5)
 
@@ -249,7 +286,7 @@ def test_no_positive_anywhere_is_zero_not_nan():
 # ----------------------------------------------------------------------------------------------- model
 def test_gradients_reach_every_part_and_bf16_is_finite():
     torch.manual_seed(7)
-    m = simlap.SimLAP("resnet18", 5, small_images=True, proj_hidden=32, proj_dim=16, gate_penalty=0.1)
+    m = simlap.SimLAP("resnet18", 5, small_images=True, proj_hidden=32, proj_dim=16, gate_weight=0.1)
     x = torch.randn(8, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     with torch.autocast("cpu", torch.bfloat16):
@@ -704,7 +741,7 @@ def test_lr_schedule():
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_atomic({"step": 1}, path)
+    simlap.save_atomic({"step": 1}, path)
 
     def broken_save(obj, f):
         open(f, "wb").write(b"half a checkp")
@@ -712,7 +749,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomic({"step": 2}, path)
+        simlap.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
 
@@ -757,7 +794,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
              "class ids off synthetic": ["--dataset", "cifar10", "--synthetic-classes", "1,2"],
              "other classes": ["--output-dir", str(good), "--synthetic-classes", ",".join(map(str, range(1, 17)))]}
     for name, args in cases.items():
-        with pytest.raises(train.UserError) as e:
+        with pytest.raises(simlap.UserError) as e:
             train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
         assert "\n" not in str(e.value) and len(str(e.value)) > 20, name
     assert {f: (good / f).read_bytes() for f in os.listdir(good)} == before  # nothing overwritten
@@ -777,6 +814,24 @@ def test_method_flags_resolve_and_name_the_output_dir():
     assert (a.optimizer, a.base_lr, a.weight_decay, a.proj_hidden, a.temperature) == ("lars", 0.3, 1.5e-6, 4096, 0.2)
     a = train.parse_args(["--dataset", "cifar10"])  # Table 5a's SimLAP column
     assert (a.base_lr, a.weight_decay, a.proj_hidden, a.temperature, a.moco_m) == (0.05, 1e-4, 2048, 0.1, None)
+
+
+def test_synthetic_test_split_is_the_same_through_every_loading_path(tmp_path):
+    """train.py's kNN monitor, eval.py on a checkpoint (which names --synthetic-per-class) and on a bare backbone.pt
+    (which names nothing), and the class itself all give one test split: a quarter of the training images."""
+    weights = tmp_path / "backbone.pt"
+    weights.write_bytes(b"")
+    args = ev.parse_args(["--backbone", str(weights), "--device", "cpu"])
+    net = simlap.build_backbone("convnet")[0]
+    from_checkpoint = ev.load_eval_data(args, net, {"arch": "convnet", "small_images": True, "image_size": 32,
+                                                    "dataset": "synthetic", "synthetic_per_class": 500})[1]["test"]
+    from_backbone = ev.load_eval_data(args, net, {"arch": "convnet", "small_images": True, "image_size": None})[1]
+    monitor = train.load_data(train.parse_args(["--output-dir", str(tmp_path / "run")])).test_set
+    direct = simlap.SyntheticShapes("test")
+    assert len(direct) == 16 * simlap.SyntheticShapes.test_per_class(500) == 16 * 125
+    for ds in (from_checkpoint, from_backbone["test"], monitor):
+        assert torch.equal(ds.images, direct.images) and torch.equal(ds.targets, direct.targets)
+    assert len(from_backbone["train"]) == 16 * 500
 
 
 def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
@@ -811,8 +866,8 @@ def weights(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     a = TRAIN_ARGS
-    model = simlap.SimLAP(a["arch"], a["num_classes"], a["small_images"], a["image_size"], a["proj_hidden"],
-                          a["proj_dim"])
+    model = simlap.SimLAP(a["arch"], a["num_classes"], small_images=a["small_images"], image_size=a["image_size"],
+                          proj_hidden=a["proj_hidden"], proj_dim=a["proj_dim"])
     torch.save({"model": model.state_dict(), "args": dict(a), "optimizer": {}, "epoch": 0, "step": 0,
                 "rng": torch.get_rng_state()}, d / "checkpoint.pt")
     torch.save(model.backbone.state_dict(), d / "backbone.pt")
@@ -991,7 +1046,7 @@ def test_eval_end_to_end(tmp_path, weights):
     again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--k", "5", "--output-dir",
                      str(tmp_path / "again"), "--cache-features", cache])
     assert again["knn"] == res["knn"] and again["linear_probe"] == res["linear_probe"]
-    with pytest.raises(ev.UserError, match="cache-features"):  # features of another image size: refused
+    with pytest.raises(simlap.UserError, match="cache-features"):  # features of another image size: refused
         ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--image-size", "32", "--cache-features",
                  cache])
 
@@ -1113,19 +1168,19 @@ def test_impossible_flag_combinations_fail_before_anything_is_written(tmp_path):
              "kNN bank below k": ["--synthetic-per-class", "1", "--batch-size", "8", "--knn-every", "1"],
              "batch above data": ["--synthetic-per-class", "1", "--batch-size", "32"]}
     for name, args in cases.items():
-        with pytest.raises(train.UserError) as e:
+        with pytest.raises(simlap.UserError) as e:
             train.main([*TINY, "--workers", "0", "--output-dir", str(out), *args])
         assert "\n" not in str(e.value) and not out.exists(), name
 
 
 def test_arch_of_names_every_arch_at_any_image_size():
-    """A new arch needs its row in simlap.ARCH_SIGNATURES: this fails until it has one."""
+    """A new arch needs its row in eval.ARCH_SIGNATURES: this fails until it has one."""
     for arch in simlap.ARCHS:
         for small, size in ((True, 16), (False, 224)):
             with torch.device("meta"):  # shapes only, nothing allocated
                 net, _ = simlap.build_backbone(arch, small, size)
-            assert simlap.arch_of(net.state_dict()) == arch, (arch, small)
-    assert simlap.arch_of({"conv1.weight": torch.zeros(64, 3, 3, 3)}) is None and simlap.arch_of([1]) is None
+            assert ev.arch_of(net.state_dict()) == arch, (arch, small)
+    assert ev.arch_of({"conv1.weight": torch.zeros(64, 3, 3, 3)}) is None and ev.arch_of([1]) is None
 
 
 def test_untrusted_or_mismatched_weights_are_refused_saying_what_was_found(tmp_path, weights, capsys):
@@ -1206,13 +1261,13 @@ def test_kmeans_recovers_separated_clusters_deterministically():
     x, y = blobs(20, 12, 24, 0.05)
     u = F.normalize(x, dim=1)
     for seed in range(8):  # k-means++ matters here: a uniform random start fails 5 of these 8 seeds
-        labels, centroids = simlap.kmeans(x, 12, iters=10, seed=seed, chunk=50)  # chunks smaller than N
+        labels, centroids = ev.kmeans(x, 12, iters=10, seed=seed, chunk=50)  # chunks smaller than N
         assert ev.cluster_agreement(labels, y) == {"nmi": pytest.approx(1.0), "purity": 1.0}, seed
         means = F.normalize(torch.stack([u[labels == c].sum(0) for c in range(12)]), dim=1)
         assert torch.allclose(centroids, means, atol=1e-6)  # centroids = normalised means of their clusters
-    a, b = simlap.kmeans(x, 12, seed=3), simlap.kmeans(x, 12, seed=3)
+    a, b = ev.kmeans(x, 12, seed=3), ev.kmeans(x, 12, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], simlap.kmeans(x, 12, seed=4)[0])  # (the same partition, other cluster ids)
+    assert not torch.equal(a[0], ev.kmeans(x, 12, seed=4)[0])  # (the same partition, other cluster ids)
 
 
 def test_kmeans_iterations_equal_plain_lloyd():
@@ -1224,7 +1279,7 @@ def test_kmeans_iterations_equal_plain_lloyd():
         ref = (u @ c.T).argmax(1)
         assert torch.bincount(ref, minlength=6).min() > 0  # no re-seeding in this reference
         c = F.normalize(torch.stack([u[ref == j].sum(0) for j in range(6)]), dim=1)
-    labels, centroids = simlap.kmeans(x, 6, iters=4, init=init, chunk=64)
+    labels, centroids = ev.kmeans(x, 6, iters=4, init=init, chunk=64)
     assert torch.equal(labels, ref) and torch.allclose(centroids, c, atol=1e-6)
 
 
@@ -1232,20 +1287,20 @@ def test_kmeans_reseeds_empty_clusters_with_the_farthest_rows():
     # the third start direction is nearest to no row: its cluster empties and takes the row farthest from its
     # centroid, row 2 (cosine 0.89 with [1, 0]; all others > 0.99)
     x = torch.tensor([[1, 0.], [1, .1], [1, -.5], [0, 1.], [.1, 1]])
-    labels, centroids = simlap.kmeans(x, 3, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.]]))
+    labels, centroids = ev.kmeans(x, 3, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.]]))
     assert labels.tolist() == [0, 0, 2, 1, 1] and torch.allclose(centroids[2], F.normalize(x[2], dim=0))
     # never a cluster's last row: row 4 is the farthest (0.83 with [-1, -1]) but alone, so row 3 (0.98) moves
     x = torch.tensor([[1, 0.], [1, .1], [0, 1.], [.2, 1], [-1, -.2]])
-    labels, _ = simlap.kmeans(x, 4, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.], [0, -1.]]))
+    labels, _ = ev.kmeans(x, 4, iters=1, init=torch.tensor([[1, 0.], [0, 1.], [-1, -1.], [0, -1.]]))
     assert labels.tolist() == [0, 0, 1, 3, 2]
     # more clusters than distinct rows: duplicates are split so that every cluster is non-empty, on every pass
     x = torch.eye(3).repeat(10, 1)
     for iters in (1, 2, 5):
-        labels, _ = simlap.kmeans(x, 5, iters=iters)
+        labels, _ = ev.kmeans(x, 5, iters=iters)
         assert torch.bincount(labels, minlength=5).min() > 0
         assert ev.cluster_agreement(labels, torch.arange(3).repeat(10))["purity"] == 1.0  # a cluster: one row value
     with pytest.raises(ValueError, match="k-means"):
-        simlap.kmeans(x, 31)
+        ev.kmeans(x, 31)
 
 
 def test_cluster_agreement_against_hand_computation():
@@ -1318,7 +1373,7 @@ def test_pseudo_label_round_trip(tmp_path, weights, label_file, monkeypatch):
     bb, _, _ = ev.load_weights(str(weights / "checkpoint.pt"))
     ds = simlap.SyntheticShapes("train", per_class=2, transform=simlap.eval_transform(16))
     feats, _ = simlap.extract_features(bb, torch.utils.data.DataLoader(ds, batch_size=8), torch.device("cpu"))
-    assert torch.equal(simlap.kmeans(feats, 4)[0], f["labels"])
+    assert torch.equal(ev.kmeans(feats, 4)[0], f["labels"])
     # eval.py --labels reports the same agreement
     again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--labels", str(path), "--output-dir",
                      str(tmp_path / "again")])
@@ -1354,7 +1409,7 @@ def test_mismatched_label_file_is_refused(tmp_path, weights, label_file, capsys)
     assert proc.returncode == 2 and proc.stderr.startswith("train.py: error: --labels") and proc.stderr.count("\n") == 1
     assert "another order" in proc.stderr
     for name, (file, *flags) in cases.items():
-        with pytest.raises(train.UserError) as e:
+        with pytest.raises(simlap.UserError) as e:
             train.main([*LABELLED, *flags, "--labels", file, "--output-dir", str(tmp_path / name)])
         assert "\n" not in str(e.value) and "--labels" in str(e.value), name
         assert not (tmp_path / name).exists(), name  # nothing written
@@ -1368,6 +1423,6 @@ def test_mismatched_label_file_is_refused(tmp_path, weights, label_file, capsys)
     run = tmp_path / "resume"
     train.main([*LABELLED, "--labels", str(path), "--output-dir", str(run), "--stop-after", "1"])
     other = edited("other.pt", labels=(f["labels"] + 1) % 4)
-    with pytest.raises(train.UserError, match="labels_fingerprint"):
+    with pytest.raises(simlap.UserError, match="labels_fingerprint"):
         train.main([*LABELLED, "--labels", other, "--output-dir", str(run)])
     assert not (tmp_path / "cli").exists()

@@ -14,7 +14,6 @@ SimLAP-MoCo (Table 1; Table 5a's Hydra-MoCo column: LARS at 0.3 per 256 images, 
 Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 """
-import argparse
 import atexit
 import fcntl
 import hashlib
@@ -31,24 +30,26 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import simlap
-from simlap import nonneg_float, nonneg_int, positive_float, positive_int, ranged, rank, world_size
+from simlap import UserError, nonneg_float, nonneg_int, positive_float, positive_int, ranged, rank, world_size
+
+PAIR_METHODS = [name for name, m in simlap.METHODS.items() if m.pairs]  # those that take --pairs
+WEIGHTED = [name for name, m in simlap.METHODS.items() if m.weighted]  # those that take --beta
+MOMENTUM = [name for name, m in simlap.METHODS.items() if m.momentum]  # those that take --moco-m
 
 
-class UserError(Exception):
-    """A mistake in the command or the files it names: one line on stderr, exit code 2, nothing overwritten."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UserError(message)
+class NonFiniteLoss(UserError):
+    """The loss became inf or NaN: one line, exit code 1, the last checkpoint untouched."""
+    exit_code, prefix = 1, ""
 
 
 def build_parser():
     """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
-    p = Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a) on the embedded synthetic demo.")
+    p = simlap.Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a); on --dataset synthetic "
+                      "the demo's.")
     a = p.add_argument
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
-    a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
+    a("--data", default="./data",
+      help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
     a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
     a("--synthetic-per-class", type=positive_int, default=500,
       help="synthetic training images per class (default: 500)")
@@ -75,13 +76,14 @@ def build_parser():
     a("--method", default="simlap", choices=simlap.METHODS, help="loss: simlap (the paper's), supcon (Khosla et al.), "
       "simclr (NT-Xent), hydra (NT-Xent + beta x SimLAP), supcon-arbitrary (SimLAP, all-ones gates), simlap-moco "
       "(MoCo v3 + beta x SimLAP, momentum encoder) (default: simlap)")
-    a("--pairs", default=None, choices=simlap.PAIR_MODES, help="the methods with partner pairs (simlap, hydra, "
-      "supcon-arbitrary, simlap-moco): how partner classes are drawn; arbitrary = the label of a random sample of the "
-      "batch (default: arbitrary)")
-    a("--beta", type=nonneg_float, default=None, help="hydra, simlap-moco: loss = (instance loss + beta x SimLAP) / "
-      "(1 + beta), the instance loss NT-Xent or MoCo v3's (default: 1)")
-    a("--moco-m", type=ranged(float, 0, 1), default=None, help="simlap-moco: momentum m0 of the momentum encoder, "
-      "raised to 1 over training by MoCo v3's cosine schedule (default: 0.99; MoCo v3 takes 0.996 for long runs)")
+    a("--pairs", default=None, choices=simlap.PAIR_MODES,
+      help=f"the methods with partner pairs ({', '.join(PAIR_METHODS)}): how partner classes are drawn; "
+      "arbitrary = the label of a random sample of the batch (default: arbitrary)")
+    a("--beta", type=nonneg_float, default=None, help=f"{', '.join(WEIGHTED)}: loss = (instance loss + beta x SimLAP) "
+      "/ (1 + beta), the instance loss NT-Xent or MoCo v3's (default: 1)")
+    a("--moco-m", type=ranged(float, 0, 1), default=None,
+      help=f"{', '.join(MOMENTUM)}: momentum m0 of the momentum encoder, raised to 1 over training by MoCo v3's "
+      "cosine schedule (default: 0.99; MoCo v3 takes 0.996 for long runs)")
     a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
       "(default on synthetic: the number of differing attributes)")
     a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
@@ -94,8 +96,8 @@ def build_parser():
     a("--output-dir", default=None, help="default: ./runs/<dataset>-<arch>-<method>[-<pairs>, unless arbitrary]")
     a("--resume", default=None, help="checkpoint to resume from (default: <output-dir>/checkpoint.pt if it exists)")
     a("--knn-every", type=nonneg_int, default=1, help="online kNN monitor every N epochs, 0 = off (default: 1)")
-    a("--knn-samples", type=ranged(int, 20), default=10000,
-      help="kNN monitor: at most this many bank/test images, at least its k = 20 (default: 10000)")
+    a("--knn-samples", type=ranged(int, simlap.KNN_K), default=10000,
+      help=f"kNN monitor: at most this many bank/test images, at least its k = {simlap.KNN_K} (default: 10000)")
     a("--log-every", type=positive_int, default=10, help="steps between progress-bar/log.jsonl updates (default: 10)")
     a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
     a("--stop-after", type=nonneg_int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. "
@@ -108,14 +110,14 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
-    for flag, value, methods in (("--pairs", args.pairs, simlap.PAIR_METHODS), ("--beta", args.beta, WEIGHED),
-                                 ("--moco-m", args.moco_m, ("simlap-moco",))):
+    for flag, value, methods in (("--pairs", args.pairs, PAIR_METHODS), ("--beta", args.beta, WEIGHTED),
+                                 ("--moco-m", args.moco_m, MOMENTUM)):
         if value is not None and args.method not in methods:
             raise UserError(f"{flag} applies to --method {' / '.join(methods)} only, not {args.method}; leave it out")
-    if args.method in simlap.PAIR_METHODS:  # None marks what a method does not use (args.json, checkpoints)
+    if args.method in PAIR_METHODS:  # None marks what a method does not use (args.json, checkpoints)
         args.pairs = args.pairs or "arbitrary"
-    args.beta = (1.0 if args.beta is None else args.beta) if args.method in WEIGHED else None
-    args.moco_m = (0.99 if args.moco_m is None else args.moco_m) if args.method == "simlap-moco" else None
+    args.beta = (1.0 if args.beta is None else args.beta) if args.method in WEIGHTED else None
+    args.moco_m = (0.99 if args.moco_m is None else args.moco_m) if args.method in MOMENTUM else None
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}" + (
         f"-{args.pairs}" if args.pairs not in (None, "arbitrary") else ""))
     if args.synthetic_classes is not None:
@@ -125,13 +127,14 @@ def parse_args(argv=None):
             ids = [int(i) for i in args.synthetic_classes.split(",")]
         except ValueError:
             ids = []
-        if len(ids) < 2 or len(set(ids)) < len(ids) or not all(0 <= i < 16 for i in ids):
+        K = simlap.SyntheticShapes.NUM_CLASSES
+        if len(ids) < 2 or len(set(ids)) < len(ids) or not all(0 <= i < K for i in ids):
             raise UserError(f"--synthetic-classes {args.synthetic_classes!r}: give at least 2 distinct ids "
-                            "from 0 to 15, comma-separated, e.g. 1,2,3,4")
+                            f"from 0 to {K - 1}, comma-separated, e.g. 1,2,3,4")
         args.synthetic_classes = ids
     if args.arch not in simlap.ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
-    patch = 4 if args.small_images else 16  # a ViT's patch, as in simlap.build_backbone
+    patch = simlap.vit_patch(args.small_images)
     if args.arch.startswith("vit") and args.image_size % patch:
         raise UserError(f"--image-size {args.image_size} is not a multiple of {patch}, the patch size of a "
                         f"{args.arch} at this size")
@@ -141,7 +144,6 @@ def parse_args(argv=None):
     return args
 
 
-WEIGHED = ("hydra", "simlap-moco")  # the methods whose loss weighs an instance loss against the pair loss by beta
 # The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer, below) ...
 PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
 # ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
@@ -185,17 +187,6 @@ def get_momentum(step, total_steps, m0):
     return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, then os.replace: a crash mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_checkpoint(path, args, num_classes):
     try:
         ckpt = simlap.load_tensors(path)
@@ -234,7 +225,7 @@ def training_labels(args, train_raw):
 
 
 def knn_monitor(model, train_raw, test_set, args, device):
-    """Weighted kNN top-1 (k=20, T=0.07) on backbone features of (a fixed subset of) the eval split; the bank is
+    """Weighted kNN top-1 (simlap.KNN_K, KNN_T) on backbone features of (a fixed subset of) the eval split; the bank is
     the train split seen through the eval transform."""
     train_set = simlap.Transformed(train_raw, simlap.eval_transform(args.image_size))
     gen = torch.Generator().manual_seed(0)
@@ -242,7 +233,7 @@ def knn_monitor(model, train_raw, test_set, args, device):
         torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist()),
         batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
     (fb, yb), (ft, yt) = [simlap.extract_features(model.backbone, dl, device, desc="knn features") for dl in loaders]
-    return (simlap.knn_classify(fb, yb, ft, k=20, T=0.07) == yt).float().mean().item()
+    return (simlap.knn_classify(fb, yb, ft) == yt).float().mean().item()
 
 
 def main(argv=None):
@@ -251,8 +242,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     run = load_data(args)  # user errors surface here and in open_output_dir, before anything is written
     ckpt = open_output_dir(args, run)
-    raw_model, model, opt, step = build_model(args, run, device, ckpt)
-    train(args, run, raw_model, model, opt, step, ckpt, device)
+    build_model(args, run, device, ckpt)
+    train(args, run, device)
     teardown()
 
 
@@ -279,9 +270,9 @@ def load_data(args):
     steps_per_epoch = len(train_raw) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_raw)} images)")
-    if args.knn_every and len(train_raw) < 20:
-        raise UserError(f"the kNN monitor (k = 20) needs at least 20 training images, not {len(train_raw)}; "
-                        "pass --knn-every 0 or more data")
+    if args.knn_every and len(train_raw) < simlap.KNN_K:
+        raise UserError(f"the kNN monitor (k = {simlap.KNN_K}) needs at least {simlap.KNN_K} training images, "
+                        f"not {len(train_raw)}; pass --knn-every 0 or more data")
     class_dist = None
     if args.pairs == "nearest":
         if args.class_distances:
@@ -323,10 +314,12 @@ def open_output_dir(args, run):
 
 
 def build_model(args, run, device, ckpt):
-    """-> (the SimLAP module, the module to call (DDP / compiled), the optimizer, the step to start from)."""
-    model = simlap.SimLAP(args.arch, run.num_classes, args.small_images, args.image_size, args.proj_hidden,
-                          args.proj_dim, args.method, args.pairs or "arbitrary", args.beta, args.temperature,
-                          args.gate_penalty, run.class_dist, args.nearest_n).to(device)
+    """Into run: model (the SimLAP module), wrapped (what to call: DDP / compiled), opt, and from the checkpoint the
+    step to start from and the untrained network's kNN."""
+    model = simlap.SimLAP(args.arch, run.num_classes, small_images=args.small_images, image_size=args.image_size,
+                          proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=args.method,
+                          pairs=args.pairs or "arbitrary", beta=args.beta, temperature=args.temperature,
+                          gate_weight=args.gate_penalty, class_dist=run.class_dist, nearest_n=args.nearest_n).to(device)
     model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
     run.memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
     model = model.to(memory_format=run.memory_format)
@@ -337,14 +330,14 @@ def build_model(args, run, device, ckpt):
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
                                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
                                 lr=run.lr, weight_decay=args.weight_decay)
-    step = 0
+    run.step, run.knn_untrained = 0, None
     if ckpt:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
             opt.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {run.resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
-        step = ckpt["step"]
+        run.step, run.knn_untrained = ckpt["step"], ckpt.get("knn_untrained")
         torch.set_rng_state(ckpt["rng"]["torch"])
         states = ckpt["rng"]["partners"]  # one per rank; exact resume needs the same world size
         model.generator.set_state(states[rank() % len(states)])
@@ -354,54 +347,37 @@ def build_model(args, run, device, ckpt):
             wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, torch.compile(wrapped) if args.compile else wrapped, opt, step
+    run.model, run.wrapped, run.opt = model, torch.compile(wrapped) if args.compile else wrapped, opt
 
 
-def train(args, run, raw_model, model, opt, step, ckpt, device):
+def train(args, run, device):
     """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
     checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt."""
-    main0 = rank() == 0
+    main0, step, opt = rank() == 0, run.step, run.opt
     sampler, loader = build_loader(args, run, device)
     announce(args, run, device, step)
-
-    def save(path):
-        partners = gather_states(raw_model.generator.get_state())  # a collective: every rank takes part
-        if main0:
-            save_atomic(dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step,
-                             epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=knn_untrained,
-                             rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=momentum(step)), path)
-
-    def momentum(step):  # simlap-moco's m at a step (None for the other methods)
-        return get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
-
-    def log(record):
-        if main0:
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    knn_untrained = knn_last = ckpt.get("knn_untrained") if ckpt else None
     if args.knn_every and step == 0:
-        knn_untrained = knn_on_rank0(raw_model, run, args, device, "step 0 (untrained)", print)
-        log(dict(epoch=0, step=0, knn_top1=knn_untrained))
-    start_step, nonfinite_step = step, torch.tensor(-1, device=device)
+        run.knn_untrained = knn_on_rank0(run.model, run, args, device, "step 0 (untrained)", print)
+        log(args, dict(epoch=0, step=0, knn_top1=run.knn_untrained))
+    knn_last, start_step, nonfinite_step = run.knn_untrained, step, torch.tensor(-1, device=device)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=run.total_steps, initial=step, disable=not main0, dynamic_ncols=True)
     tick, tick_step, stats = time.time(), step, {}
     for epoch in range(step // run.steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
-        model.train()
+        run.wrapped.train()
         for images, y, index in loader:
             for group in opt.param_groups:
                 group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
             if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
-                raw_model.update_momentum(momentum(step))
+                run.model.update_momentum(get_momentum(step, run.total_steps, args.moco_m))
             keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
             images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
             x1, x2 = (x.contiguous(memory_format=run.memory_format)
                       for x in simlap.two_views(images, keys, args.image_size))
             want_stats = (step + 1) % args.log_every == 0
             with torch.autocast(**amp):
-                loss, new_stats = model(x1, x2, y, stats=want_stats)
+                loss, new_stats = run.wrapped(x1, x2, y, stats=want_stats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -415,10 +391,10 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
                 stats = dict(new_stats, lr=opt.param_groups[0]["lr"], img_per_s=ips)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
                                 gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
-                log(dict(step=step, epoch=epoch, **stats))
+                log(args, dict(step=step, epoch=epoch, **stats))
             if (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
                 check_finite(nonfinite_step)
-                save(run.ckpt_path)
+                save_checkpoint(args, run, step)
             if step - start_step == args.stop_after:
                 bar.close()
                 if main0:
@@ -427,12 +403,29 @@ def train(args, run, raw_model, model, opt, step, ckpt, device):
         check_finite(nonfinite_step)
         record = dict(epoch=epoch + 1, step=step, **stats)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn_last = knn_on_rank0(raw_model, run, args, device, f"epoch {epoch + 1}", bar.write)
-        log(record)
-        save(run.ckpt_path)
+            record["knn_top1"] = knn_last = knn_on_rank0(run.model, run, args, device, f"epoch {epoch + 1}", bar.write)
+        log(args, record)
+        save_checkpoint(args, run, step)
     bar.close()
     if main0:
-        finish(args, raw_model, knn_untrained, knn_last)
+        finish(args, run.model, run.knn_untrained, knn_last)
+
+
+def save_checkpoint(args, run, step):
+    """<output-dir>/checkpoint.pt, written atomically by rank 0: everything an exact resume at `step` needs."""
+    partners = gather_states(run.model.generator.get_state())  # a collective: every rank takes part
+    if rank() == 0:
+        moco_m = get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
+        simlap.save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
+                                epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=run.knn_untrained,
+                                rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m), run.ckpt_path)
+
+
+def log(args, record):
+    """One JSON line in <output-dir>/log.jsonl, by rank 0."""
+    if rank() == 0:
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def build_loader(args, run, device):
@@ -499,10 +492,6 @@ def check_finite(nonfinite_step):
                             "(try a lower --base-lr or a longer --warmup-epochs)")
 
 
-class NonFiniteLoss(Exception):
-    pass
-
-
 def teardown():
     unlock_output_dir()
     if dist.is_available() and dist.is_initialized():
@@ -557,16 +546,7 @@ def unlock_output_dir():
 
 
 def cli(argv=None):
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        teardown()
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        teardown()
-        sys.exit(1)
+    simlap.cli(main, "train.py", argv, cleanup=teardown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of simlap.kmeans, the spherical k-means behind the pseudo labels of appendix C: time and memory.
+"""Benchmark of evaluation.kmeans, the spherical k-means behind the pseudo labels of appendix C: time and memory.
 
     python benchmarks/bench_kmeans.py                  # 100 000 x 512 features, K = 100, 20 iterations, chunk 8192 and N
     python benchmarks/bench_kmeans.py --device cuda --n 1281167 --dim 2048 --clusters 1000   # ImageNet-sized, one GPU
@@ -9,14 +9,14 @@ Features: float32 rows of a mixture of --clusters random unit directions plus Ga
 --noise, with random row norms (the cosine ignores them), generated on the device from a fixed seed. Each
 --chunks value runs in a fresh child process (this script with --case), which first makes the features and runs a
 tiny k-means (so lazily loaded libraries and thread pools belong to the baseline), then times
-    total       simlap.kmeans(x, K, iters, chunk=c): greedy k-means++ and the iterations
+    total       evaluation.kmeans(x, K, iters, chunk=c): greedy k-means++ and the iterations
     iterations  the same iterations again, started from the centroids found (init=): the Lloyd part alone
 and measures what k-means adds to memory beyond the features: on the CPU the growth of the max RSS over the RSS
 just before (free heap memory handed back to the OS first, the max RSS reset: common.reset_peak), on CUDA
 max_memory_allocated() minus the memory allocated before. The children run with MALLOC_MMAP_THRESHOLD_=65536:
 glibc then maps every block of 64 KiB or more on its own and unmaps it when freed, so the RSS follows the live
-tensors (with its default adaptive threshold, freed blocks stay in the heap and the peak depends on their layout,
-by tens of MiB from run to run here). The times did not change with it, within the noise of this machine. That must stay within the memory model of simlap.kmeans, O(chunk x (K + F)) plus a
+tensors (with its default adaptive threshold, freed blocks stay in the heap and the peak depends on their layout).
+That must stay within the memory model of evaluation.kmeans, O(chunk x (K + F)) plus a
 few rows of N, checked here with explicit constants:
     bound = 4 bytes x [2 chunk (K + F) + 4 K F + N (8 + 2 (2 + ln K))] (+ 16 MiB of allocator slack on the CPU)
 For comparison the table shows what a single (N, K) float32 similarity matrix would take; --chunks 0 means one
@@ -35,7 +35,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
-import simlap  # noqa: E402
 from common import add_output_flags, machine_info, peak_bytes, reset_peak, run_child, write_json  # noqa: E402
 
 SLACK_CPU = 16 * 2 ** 20  # glibc arenas, thread-pool stacks, page granularity
@@ -64,15 +63,15 @@ def run_case(args):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     x, y = make_features(args.n, args.dim, args.clusters, args.noise, device)
     chunk = args.case or args.n
-    simlap.kmeans(x[:64], 4, 2, chunk=chunk)  # the baseline includes lazily loaded libraries
+    evaluation.kmeans(x[:64], 4, 2, chunk=chunk)  # the baseline includes lazily loaded libraries
     base = reset_peak(cuda)
     tic = time.perf_counter()
-    labels, centroids = simlap.kmeans(x, args.clusters, args.iters, chunk=chunk)
+    labels, centroids = evaluation.kmeans(x, args.clusters, args.iters, chunk=chunk)
     sync()
     total = time.perf_counter() - tic
     extra = peak_bytes(cuda) - base
     tic = time.perf_counter()
-    simlap.kmeans(x, args.clusters, args.iters, chunk=chunk, init=centroids)
+    evaluation.kmeans(x, args.clusters, args.iters, chunk=chunk, init=centroids)
     sync()
     iterations = time.perf_counter() - tic
     print(json.dumps({"chunk": chunk, "total_s": total, "iterations_s": iterations, "extra_bytes": extra,

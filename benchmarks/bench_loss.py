@@ -1,7 +1,7 @@
 """Benchmark of the subspace loss (eq. 2): simlap_loss against a naive (B, B, D) version and plain InfoNCE.
 
     python benchmarks/bench_loss.py                          # default grid B in {256,1024,4096} x D in {256,2048}
-    python benchmarks/bench_loss.py --batch-sizes 1024 --dims 256 --rounds 15   # the issue-10 target: SimLAP / InfoNCE
+    python benchmarks/bench_loss.py --batch-sizes 1024 --dims 256 --rounds 15   # SimLAP / InfoNCE at B = 1024
     python benchmarks/bench_loss.py --device cuda            # on a GPU (the default when one is present)
     python benchmarks/bench_loss.py --threads 1              # a busy shared CPU: 2 threads can be slower than 1
     python benchmarks/bench_loss.py --smoke                  # one tiny case, for CI

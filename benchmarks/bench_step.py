@@ -120,8 +120,8 @@ def main():
     step_fns = {}
     for name, method in MODES.items():
         torch.manual_seed(0)  # same initial weights in every mode
-        model = simlap.SimLAP(args.arch, args.classes, small, args.image_size, args.proj_hidden, args.proj_dim,
-                              method).to(device, memory_format=fmt).train()
+        model = simlap.SimLAP(args.arch, args.classes, small_images=small, image_size=args.image_size,
+                              proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=method).to(device, memory_format=fmt).train()
         opt = simlap.LARS([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=1e-6)
         forward = torch.compile(model) if args.compile else model
 

@@ -178,13 +178,14 @@ def run(args, case, seed, sets):
     if case == "untrained":  # the same constructor and seed as train.py's model, never trained
         torch.manual_seed(seed)
         a = train.parse_args(train_argv(args, "SimLAP", seed, out_dir))
-        model = simlap.SimLAP(a.arch, len(SEEN), a.small_images, a.image_size, a.proj_hidden, a.proj_dim)
+        model = simlap.SimLAP(a.arch, len(SEEN), small_images=a.small_images, image_size=a.image_size,
+                              proj_hidden=a.proj_hidden, proj_dim=a.proj_dim)
         gates, curve = True, []  # its filter is SimLAP's at step 0
     else:
         with contextlib.redirect_stdout(sys.stderr):  # train.py's progress goes to stderr, the table to stdout
             train.main(train_argv(args, case, seed, out_dir))  # resumes (or skips) a run already there
         _, model, info = evaluation.load_weights(os.path.join(out_dir, "checkpoint.pt"))
-        gates = info["method"] in simlap.FILTER_METHODS
+        gates = simlap.METHODS[info["method"]].filter
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             curve = [(r["step"], 100 * r["knn_top1"]) for r in map(json.loads, f) if "knn_top1" in r]
     train_s = time.time() - tic
