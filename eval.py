@@ -184,8 +184,9 @@ def gate_analysis(gates, label_embed=None, attributes=None, png=None):
     """Class gates (K, D) -> per class the open dimensions (gate > 0.5) and the gate entropy (Fig. 9); the
     class-by-class gate overlap = cosine of the gates sharpened to {0, 1} (Fig. 12; a class with no open gate
     overlaps nothing, itself included); with label_embed (K, E) the cosine of the label embeddings f_l (Fig. 12).
-    attributes (K, A), the ground-truth attributes of SyntheticShapes: also the mean overlap of class pairs that
-    share an attribute against pairs that share none. png: pictures of both (save_gate_pictures)."""
+    attributes (K, A), the ground truth of simlap.class_attributes (synthetic: shape and colour; fashionmnist: the
+    natural group): also the mean overlap of class pairs that share an attribute against pairs that share none.
+    png: pictures of both (save_gate_pictures)."""
     sharp = F.normalize((gates > 0.5).float(), dim=1)  # (K, D), unit rows (zero rows stay zero)
     overlap = sharp @ sharp.T  # (K, K)
     open_dims, entropy = (gates > 0.5).sum(1), simlap.gate_entropy(gates, dim=1)  # (K,), (K,)
@@ -370,6 +371,8 @@ def build_parser():
     p.add_argument("--download", action="store_true", help="download the data set if missing (default: off)")
     p.add_argument("--synthetic-per-class", type=positive_int, help="synthetic train images per class, the test split "
                    "gets a quarter, at least 10 (default: the checkpoint's, else 500 train and 100 test)")
+    p.add_argument("--classes", type=simlap.class_ids, help="evaluate on these class ids only, comma-separated, e.g. "
+                   "the classes a run held out (default: the checkpoint's --classes on its own data set, else all)")
     p.add_argument("--image-size", type=positive_int,
                    help="eval image size (default: the checkpoint's; for a bare backbone 32 with the small-image "
                         "stem, else 224; a ViT's own size)")
@@ -447,8 +450,8 @@ def load_eval_data(args, backbone, info):
     if getattr(backbone, "image_size", size) != size:  # a ViT takes only the size its position embedding fits
         raise UserError(f"--image-size {size}: this ViT was built for {backbone.image_size} px images")
     per_class = args.synthetic_per_class or info.get("synthetic_per_class")
-    # a checkpoint trained on some synthetic classes (--synthetic-classes) is evaluated on those by default
-    classes = info.get("synthetic_classes") if dataset == info.get("dataset") == "synthetic" else None
+    # a checkpoint trained on some classes (train.py --classes) is evaluated on those by default
+    classes = args.classes or (simlap.trained_classes(info) if dataset == info.get("dataset") else None)
     splits = {s: load_split(dataset, data, s, size, per_class, args.download, classes) for s in ("train", "test")}
     n_train = len(splits["train"])
     if max(args.k, PAPER_K) > n_train:
@@ -458,7 +461,7 @@ def load_eval_data(args, backbone, info):
                         "(the train samples) clusters and at least 1 iteration")
     weights = args.checkpoint or args.backbone
     setting = {"weights": os.path.abspath(weights), "mtime_ns": os.stat(weights).st_mtime_ns, "dataset": dataset,
-               "data": data, "image_size": size, "synthetic_per_class": per_class, "synthetic_classes": classes}
+               "data": data, "image_size": size, "synthetic_per_class": per_class, "classes": classes}
     return setting, splits, check_labels(args, dataset, splits) if args.labels else None
 
 
@@ -488,12 +491,12 @@ def analyses(model, info, test_f, test_y, device, out_dir):
         res["collapse"][name] = {"effective_rank": effective_rank(s), "dim": e.shape[1], "singular_values": s.tolist()}
     res["similarity"] = similarity_overlap(test_f, test_y)
     if model is not None and simlap.METHODS[info.get("method", "simlap")].filter:  # the others train no filter
-        # Ground truth: the attributes of the classes the filter was trained on. So it needs a synthetic training
-        # set; the eval set plays no part in the gates.
+        # Ground truth: the attributes (synthetic) or natural groups (fashionmnist) of the classes the filter was
+        # trained on; the eval set plays no part in the gates. Pseudo labels have none.
         attributes = None
-        if info.get("dataset") == "synthetic" and not info.get("labels"):  # pseudo labels have no attributes
-            attributes = simlap.SyntheticShapes("train", per_class=1, classes=info.get("synthetic_classes")).attributes
-            attributes = attributes if len(attributes) == model.num_classes else None
+        if not info.get("labels"):
+            attributes = simlap.class_attributes(info.get("dataset"), simlap.trained_classes(info))
+            attributes = attributes if attributes is not None and len(attributes) == model.num_classes else None
         png = os.path.join(out_dir, "gates.png")
         res["gates"] = gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes, png)
     return res

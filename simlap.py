@@ -13,6 +13,7 @@ of neither class are the negatives. Read in order:
 """
 import argparse
 import copy
+import gzip
 import hashlib
 import json
 import math
@@ -498,6 +499,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     COLOUR_NAMES = ("red", "green", "blue", "yellow")
 
     NUM_CLASSES = len(SHAPES) * len(COLOURS)
+    ATTRIBUTES = torch.cartesian_prod(torch.arange(len(SHAPES)), torch.arange(len(COLOURS)))  # (16, 2), id 4 s + c
     TRAIN_PER_CLASS = 500  # the default size of the training split
 
     @staticmethod
@@ -509,9 +511,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         """per_class: images per class of this split (default: 500 train, test_per_class(500) = 125 test)."""
         train_per_class = self.TRAIN_PER_CLASS
         per_class = per_class or (train_per_class if split == "train" else self.test_per_class(train_per_class))
-        all_attrs = torch.tensor([(s, c) for s in range(len(self.SHAPES)) for c in range(len(self.COLOURS))])
-        classes = list(range(len(all_attrs))) if classes is None else list(classes)
-        self.attributes = all_attrs[classes]  # (K, 2): shape id, colour id
+        classes = list(range(self.NUM_CLASSES)) if classes is None else list(classes)
+        self.attributes = self.ATTRIBUTES[classes]  # (K, 2): shape id, colour id
         self.classes = [f"{self.COLOUR_NAMES[c]}_{self.SHAPES[s]}" for s, c in self.attributes.tolist()]
         self.targets = torch.arange(len(classes)).repeat_interleave(per_class)  # balanced, re-indexed labels
         gen = torch.Generator().manual_seed(seed * 7919 + {"train": 1, "test": 2}.get(split, 3))
@@ -542,7 +543,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def attribute_distance(self):
         """(K, K) number of attributes two classes differ in: the built-in class distance for pairs='nearest'."""
-        return (self.attributes[:, None, :] != self.attributes[None, :, :]).sum(-1).float()
+        return class_distance(self.attributes)  # with two attributes, the same thing
 
     def __len__(self):
         return len(self.targets)
@@ -550,6 +551,61 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img = torchvision.tv_tensors.Image(self.images[i])
         return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+class FashionMNIST(torchvision.datasets.FashionMNIST):
+    """torchvision's Fashion-MNIST (Xiao et al. 2017: 28 px grayscale photographs of clothes, 10 classes, 60000 train
+    and 10000 test images), read from a folder holding its four idx files itself, gzipped or not (the layout of the
+    distribution package dataset-fashion-mnist), or from torchvision's root/FashionMNIST/raw/ (where download=True
+    puts them). Images come as 3-channel uint8 tensors (the grey channel copied), like every other data set's."""
+
+    # The natural groups, the ground truth of the gate analysis (Fig. 12) and of pairs='nearest': tops {t-shirt/top,
+    # pullover, coat, shirt}, footwear {sandal, sneaker, ankle boot}; trouser, dress and bag each alone.
+    GROUPS = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)
+    FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    HINT = ("it needs the four idx files of Fashion-MNIST (train-images-idx3-ubyte[.gz], ...) in that folder or in "
+            "its FashionMNIST/raw/: `apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/"
+            "fashion-mnist (pass that as --data), or pass --download")
+
+    @property
+    def raw_folder(self):  # the root itself where it holds the files, else torchvision's root/FashionMNIST/raw
+        return self.root if all(_idx_file(os.path.join(self.root, f)) for f in self.FILES) else super().raw_folder
+
+    def _check_exists(self):
+        return all(_idx_file(os.path.join(self.raw_folder, f)) for f in self.FILES)
+
+    def _load_data(self):
+        split = os.path.join(self.raw_folder, "train" if self.train else "t10k")
+        images, labels = read_idx(f"{split}-images-idx3-ubyte", 3), read_idx(f"{split}-labels-idx1-ubyte", 1).long()
+        if len(images) != len(labels) or labels.max() >= len(self.classes):
+            raise ValueError(f"the Fashion-MNIST files {split}-*-ubyte do not match: {len(images)} images, "
+                             f"{len(labels)} labels up to {labels.max()}")
+        return images, labels
+
+    def __getitem__(self, i):
+        img = torchvision.tv_tensors.Image(self.data[i].expand(3, -1, -1))
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+def _idx_file(path):
+    """path, or path + '.gz', whichever exists (None if neither)."""
+    return next((p for p in (path, path + ".gz") if os.path.isfile(p)), None)
+
+
+def read_idx(path, ndim):
+    """The idx file (LeCun's MNIST format: bytes 0, 0, 0x08 = uint8, ndim; each dimension as a big-endian 4-byte
+    integer; the data) at path or path + '.gz' -> uint8 tensor of ndim dimensions. ValueError naming the file if it
+    is not one."""
+    path = _idx_file(path) or path
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # missing, unreadable, a broken gzip stream
+        raise ValueError(f"{path} cannot be read ({one_line(e)})") from None
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if raw[:4] != bytes([0, 0, 8, ndim]) or len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise ValueError(f"{path} is not an idx file of {ndim}-d uint8 data (wrong header or size)")
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
@@ -715,6 +771,31 @@ class Relabelled(torch.utils.data.Dataset):
         return self.dataset[i][0], int(self.labels[i])
 
 
+class ClassSubset(torch.utils.data.Dataset):
+    """The samples of some classes of a data set, in index order, relabelled 0..len(classes)-1 in the order the
+    classes are given (--classes: the other classes stay unseen, to measure transfer to them). It keeps what
+    targets_of() and fingerprint() read: the labels, the class names, the pixels of an in-memory data set."""
+
+    def __init__(self, dataset, classes):
+        targets, K = targets_of(dataset), num_classes_of(dataset)
+        check_class_ids(classes, K)
+        new = torch.full((K,), -1, dtype=torch.long).index_copy_(0, torch.tensor(classes), torch.arange(len(classes)))
+        self.dataset, self.indices = dataset, (new[targets] >= 0).nonzero().squeeze(1)
+        self.targets = new[targets[self.indices]]
+        names = getattr(dataset, "classes", None)
+        self.classes = [names[c] for c in classes] if names else [str(c) for c in classes]
+        if getattr(dataset, "data", None) is not None:  # in memory: CIFAR, STL-10, Fashion-MNIST
+            self.data = dataset.data[self.indices.numpy()]
+        if hasattr(dataset, "samples"):  # ImageFolder: its file list, relative to its root
+            self.samples, self.root = [dataset.samples[i] for i in self.indices.tolist()], dataset.root
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])][0], int(self.targets[i])
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's share of a seeded permutation per epoch (as DistributedSampler with drop_last), yielding
     (index, epoch) and able to start mid-epoch (`start` batches are skipped, for exact resume)."""
@@ -737,28 +818,31 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
-FIXED_SIZE = ("synthetic", "cifar10", "cifar100", "stl10")  # every image the same size: cropped batched, on device
+DATASETS = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
+FIXED_SIZE = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10")  # same-size images: cropped on device
 
 
-def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None,
-                  synthetic_classes=None):
+def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None, classes=None):
     """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
     root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path.
     synthetic_per_class: train images per class of the synthetic set (default 500; the test split gets
-    SyntheticShapes.test_per_class of it); synthetic_classes: keep only these class ids of it (None: all 16)."""
+    SyntheticShapes.test_per_class of it); classes: keep only these class ids, relabelled 0..len-1 in this order
+    (None: all). The synthetic set renders only those classes; the others are a ClassSubset of the whole split."""
     train = split == "train"
     tv = torchvision.datasets
     if name == "synthetic":
+        check_class_ids(classes, SyntheticShapes.NUM_CLASSES)
         per_class = synthetic_per_class or SyntheticShapes.TRAIN_PER_CLASS
         per_class = per_class if train else SyntheticShapes.test_per_class(per_class)
-        return SyntheticShapes(split, per_class=per_class, classes=synthetic_classes, transform=transform)
+        return SyntheticShapes(split, per_class=per_class, classes=classes, transform=transform)
     if name == "imagefolder":
         path = os.path.join(root or "", "train" if train else "val")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no ImageFolder split at {path}: --data must hold train/<class>/ and val/<class>/")
-        return tv.ImageFolder(path, transform=transform)
-    makers = {"cifar10": lambda: tv.CIFAR10(root, train=train, transform=transform, download=download),
+        ds = tv.ImageFolder(path, transform=transform)
+        return ds if classes is None else ClassSubset(ds, classes)
+    makers = {"fashionmnist": lambda: FashionMNIST(root, train=train, transform=transform, download=download),
+              "cifar10": lambda: tv.CIFAR10(root, train=train, transform=transform, download=download),
               "cifar100": lambda: tv.CIFAR100(root, train=train, transform=transform, download=download),
               "stl10": lambda: tv.STL10(root, "train" if train else "test", transform=transform, download=download),
               "flowers102": lambda: tv.Flowers102(root, "train" if train else "test", transform=transform,
@@ -770,9 +854,37 @@ def build_dataset(name, root, split, transform=None, download=False, synthetic_p
     if name not in makers:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     try:
-        return makers[name]()
+        ds = makers[name]()
     except (RuntimeError, FileNotFoundError) as e:  # torchvision raises these for missing/corrupt files
-        raise FileNotFoundError(f"{name} not found under --data {root!r} ({e}); pass --download to fetch it") from None
+        hint = (FashionMNIST.HINT if name == "fashionmnist" and not download else
+                f"({one_line(e, 300)})" + ("" if download else "; pass --download to fetch it"))
+        raise FileNotFoundError(f"{name} not found under --data {root!r}: {hint}") from None
+    return ds if classes is None else ClassSubset(ds, classes)
+
+
+def check_class_ids(classes, num_classes):
+    if classes is not None and not all(0 <= c < num_classes for c in classes):
+        raise ValueError(f"--classes {','.join(map(str, classes))}: this data set's class ids go from 0 to "
+                         f"{num_classes - 1}")
+
+
+def class_attributes(name, classes=None):
+    """The ground truth of a data set with a known class structure, one row per class in training order (classes:
+    the ids --classes kept) -> (K, A) long, or None for the other data sets: the synthetic shapes' (shape, colour),
+    Fashion-MNIST's natural group. Classes sharing an attribute are related: the gate analysis (Fig. 12) compares
+    their gates with the others', and class_distance() gives pairs='nearest' its built-in distance."""
+    attributes = {"synthetic": SyntheticShapes.ATTRIBUTES, "fashionmnist": torch.tensor(FashionMNIST.GROUPS)[:, None]}
+    if name not in attributes:
+        return None
+    return attributes[name] if classes is None else attributes[name][list(classes)]
+
+
+def class_distance(attributes):
+    """(K, K) class distance for pairs='nearest' from attributes (K, A): 0 from a class to itself, 1 to a class sharing
+    an attribute with it, 2 to one sharing none. The synthetic shapes: the number of attributes two classes differ
+    in; Fashion-MNIST: 1 within a natural group, 2 across groups."""
+    share = (attributes[:, None, :] == attributes[None, :, :]).any(-1)  # (K, K)
+    return (~torch.eye(len(attributes), dtype=torch.bool)).float() + (~share).float()
 
 
 def num_classes_of(ds):
@@ -814,7 +926,7 @@ def load_labels(path, dataset, ds):
             and isinstance(f["labels"], torch.Tensor) and f["labels"].dtype == torch.long and f["labels"].ndim == 1):
         raise ValueError(f"--labels {path} is not a label file of eval.py --kmeans")
     labels, K = f["labels"], f["num_clusters"]
-    made = {k: (f.get("source") or {}).get(k) for k in ("data", "synthetic_per_class", "synthetic_classes")}
+    made = {k: (f.get("source") or {}).get(k) for k in ("data", "synthetic_per_class", "classes")}
     if f["dataset"] != dataset:
         raise ValueError(f"--labels {path} labels the {f['dataset']} data set, not {dataset}")
     if len(labels) != len(ds):
@@ -900,6 +1012,24 @@ def ranged(kind, low, high=None, low_open=False, high_open=False):
 
 positive_int, nonneg_int = ranged(int, 1), ranged(int, 0)
 positive_float, nonneg_float = ranged(float, 0, low_open=True), ranged(float, 0)
+
+
+def class_ids(text):
+    """argparse type= of --classes: at least 2 distinct class ids >= 0, comma-separated -> list of int (checked
+    against the data set's number of classes when it is loaded: build_dataset)."""
+    try:
+        ids = [int(i) for i in text.split(",")]
+    except ValueError:
+        ids = []
+    if len(ids) < 2 or len(set(ids)) < len(ids) or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not at least 2 distinct class ids, comma-separated, e.g. 0,1,3")
+    return ids
+
+
+def trained_classes(train_args):
+    """The --classes a train.py run trained on (None: all), from its args (older checkpoints name them
+    synthetic_classes)."""
+    return train_args.get("classes", train_args.get("synthetic_classes"))
 
 
 def load_tensors(path):

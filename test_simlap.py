@@ -2,12 +2,14 @@
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
 import argparse
 import copy
+import gzip
 import importlib
 import json
 import math
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -789,10 +791,10 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
              "momentum without moco": ["--method", "hydra", "--moco-m", "0.9"],
              "negative beta": ["--method", "hydra", "--beta", "-1"],
              "unwritable output": ["--output-dir", str(afile / "sub")],
-             "repeated class id": ["--synthetic-classes", "1,1,2"],
-             "class id out of range": ["--synthetic-classes", "3,16"],
-             "class ids off synthetic": ["--dataset", "cifar10", "--synthetic-classes", "1,2"],
-             "other classes": ["--output-dir", str(good), "--synthetic-classes", ",".join(map(str, range(1, 17)))]}
+             "repeated class id": ["--classes", "1,1,2"],
+             "class id out of range": ["--classes", "3,16"],
+             "missing fashionmnist": ["--dataset", "fashionmnist", "--data", str(tmp_path / "nope")],
+             "other classes": ["--output-dir", str(good), "--classes", ",".join(map(str, range(1, 17)))]}
     for name, args in cases.items():
         with pytest.raises(simlap.UserError) as e:
             train.main([*TINY, "--workers", "0", "--output-dir", str(tmp_path / name), *args])
@@ -835,15 +837,20 @@ def test_synthetic_test_split_is_the_same_through_every_loading_path(tmp_path):
 
 
 def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
-    """--synthetic-classes (transfer to held-out combinations): train and eval.py must both use only those."""
+    """--classes (transfer to held-out combinations): train and eval.py must both use only those."""
     out = tmp_path / "sub"
-    train.main([*TINY, "--workers", "0", "--output-dir", str(out), "--stop-after", "1", "--synthetic-classes", "5,2,9",
+    train.main([*TINY, "--workers", "0", "--output-dir", str(out), "--stop-after", "1", "--classes", "5,2,9",
                 "--batch-size", "8"])
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["args"]["synthetic_classes"] == [5, 2, 9] and ckpt["args"]["num_classes"] == 3
+    assert ckpt["args"]["classes"] == [5, 2, 9] and ckpt["args"]["num_classes"] == 3
     assert ckpt["model"]["filter.embed.weight"].shape[0] == 3
     res = ev.main(["--checkpoint", str(out / "checkpoint.pt"), *EVAL_TINY, "--synthetic-per-class", "4", "--k", "5"])
     assert res["num_train"] == 3 * 4 and res["num_test"] == 3 * 10  # per class: 4 train, at least 10 test
+    # a checkpoint of an older version names them synthetic_classes: evaluated on them just the same
+    old = {k: v for k, v in ckpt["args"].items() if k != "classes"}
+    torch.save({**ckpt, "args": {**old, "synthetic_classes": [5, 2, 9]}}, tmp_path / "old.pt")
+    again = ev.main(["--checkpoint", str(tmp_path / "old.pt"), *EVAL_TINY, "--synthetic-per-class", "4", "--k", "5"])
+    assert again["knn"] == res["knn"] and again["gates"]["gate_overlap"] == res["gates"]["gate_overlap"]
     # classes 5 = (1, 1), 2 = (0, 2), 9 = (2, 1): 5 and 9 share colour 1, 2 shares nothing with either
     _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
     sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
@@ -851,6 +858,126 @@ def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
     assert res["gates"]["overlap_shared_attribute"] == pytest.approx(overlap[0, 2].item(), abs=1e-6)
     assert res["gates"]["overlap_no_shared_attribute"] == pytest.approx(
         (overlap[0, 1] + overlap[1, 2]).item() / 2, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- Fashion-MNIST
+def write_idx(path, t):
+    """An idx file as LeCun's MNIST page describes it, written here independently of simlap.read_idx: bytes 0, 0,
+    0x08 (uint8), ndim, then each dimension as a big-endian 32-bit integer, then the data; gzipped if path ends .gz."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(struct.pack(">4B", 0, 0, 8, t.ndim) + struct.pack(f">{t.ndim}I", *t.shape) + t.numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    """A tiny fake Fashion-MNIST in the distribution package's layout (the four .gz files in the folder itself): 4
+    train and 2 test images per class, shuffled -> (folder, {"train"/"test": (images (N, 28, 28) uint8, labels)})."""
+    root, gen, splits = tmp_path_factory.mktemp("fashion"), torch.Generator().manual_seed(0), {}
+    for split, name, n in (("train", "train", 4), ("test", "t10k", 2)):
+        labels = torch.arange(10).repeat(n)[torch.randperm(10 * n, generator=gen)].to(torch.uint8)
+        images = torch.randint(0, 256, (10 * n, 28, 28), generator=gen, dtype=torch.uint8)
+        write_idx(str(root / f"{name}-images-idx3-ubyte.gz"), images)
+        write_idx(str(root / f"{name}-labels-idx1-ubyte.gz"), labels)
+        splits[split] = images, labels.long()
+    return root, splits
+
+
+def test_fashionmnist_reads_its_idx_files_in_either_layout(tmp_path, fashion):
+    root, splits = fashion
+    for split, (images, labels) in splits.items():
+        ds = simlap.build_dataset("fashionmnist", str(root), split)
+        assert torch.equal(ds.data, images) and torch.equal(simlap.targets_of(ds), labels)
+        img, label = ds[3]  # grey copied to 3 channels, as the networks and the augmentation expect
+        assert img.shape == (3, 28, 28) and img.dtype == torch.uint8 and label == labels[3]
+        assert all(torch.equal(channel, images[3]) for channel in img)
+    assert simlap.build_dataset("fashionmnist", str(root), "train").classes == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    x, _ = simlap.build_dataset("fashionmnist", str(root), "test", simlap.eval_transform(32))[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32  # 28 px shown as 32 px
+    # torchvision's layout (where --download puts them), uncompressed: read the same, and as torchvision reads it
+    raw = tmp_path / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, split in (("train", "train"), ("t10k", "test")):
+        write_idx(str(raw / f"{name}-images-idx3-ubyte"), splits[split][0])
+        write_idx(str(raw / f"{name}-labels-idx1-ubyte"), splits[split][1].to(torch.uint8))
+    ours, theirs = simlap.build_dataset("fashionmnist", str(tmp_path / "tv"), "train"), \
+        torchvision.datasets.FashionMNIST(str(tmp_path / "tv"), train=True)
+    assert torch.equal(ours.data, theirs.data) and torch.equal(ours.targets, theirs.targets)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--download"):
+        simlap.build_dataset("fashionmnist", str(tmp_path / "nope"), "train")
+    (tmp_path / "bad").mkdir()
+    for f in os.listdir(root):
+        (tmp_path / "bad" / f).write_bytes((root / f).read_bytes()[:-5 if "t10k-images" in f else None])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):  # a truncated file is named, not half-read
+        simlap.build_dataset("fashionmnist", str(tmp_path / "bad"), "test")
+
+
+def test_class_subset_relabels_in_the_given_order_and_class_distances(fashion):
+    root, splits = fashion
+    images, labels = splits["train"]
+    sub = simlap.build_dataset("fashionmnist", str(root), "train", classes=[9, 0, 6])
+    keep = [i for i, label in enumerate(labels.tolist()) if label in (9, 0, 6)]  # index order
+    assert len(sub) == 12 and sub.classes == ["Ankle boot", "T-shirt/top", "Shirt"] and simlap.num_classes_of(sub) == 3
+    assert simlap.targets_of(sub).tolist() == [[9, 0, 6].index(labels[i]) for i in keep]
+    assert all(torch.equal(sub[k][0][0], images[i]) and sub[k][1] == [9, 0, 6].index(labels[i])
+               for k, i in enumerate(keep))
+    again = simlap.build_dataset("fashionmnist", str(root), "train", classes=[9, 0, 6])
+    other = simlap.build_dataset("fashionmnist", str(root), "train", classes=[0, 9, 6])
+    assert simlap.fingerprint(sub) == simlap.fingerprint(again) != simlap.fingerprint(other)
+    with pytest.raises(ValueError, match="from 0 to 9"):
+        simlap.build_dataset("fashionmnist", str(root), "train", classes=[3, 10])
+    # the built-in distance: 0 same class, 1 same natural group, 2 otherwise
+    tops, footwear = {0, 2, 4, 6}, {5, 7, 9}
+    group = lambda c: "tops" if c in tops else "footwear" if c in footwear else c  # noqa: E731
+    expected = torch.tensor([[0 if i == j else 1 if group(i) == group(j) else 2 for j in range(10)] for i in range(10)])
+    assert torch.equal(simlap.class_distance(simlap.class_attributes("fashionmnist")), expected.float())
+    assert torch.equal(simlap.class_distance(simlap.class_attributes("fashionmnist", [9, 0, 6])),
+                       torch.tensor([[0., 2, 2], [2, 0, 1], [2, 1, 0]]))
+    # on the synthetic shapes it is the number of attributes (shape, colour) = divmod(id, 4) two classes differ in
+    differ = torch.tensor([[sum(a != b for a, b in zip(divmod(i, 4), divmod(j, 4))) for j in range(16)]
+                           for i in range(16)])
+    assert torch.equal(simlap.class_distance(simlap.class_attributes("synthetic")), differ.float())
+    assert simlap.class_attributes("cifar10") is None
+    assert simlap.class_ids("9,0,6") == [9, 0, 6]
+    for bad in ("1", "1,1", "a,b", "-1,2", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            simlap.class_ids(bad)
+
+
+def test_training_on_some_fashionmnist_classes_and_evaluating_the_others(tmp_path, fashion, monkeypatch):
+    """train.py --classes on Fashion-MNIST with partners from the nearest class (Fig. 8), then eval.py on the trained
+    classes (the default) and on the held-out ones (--classes)."""
+    root, splits = fashion
+    drawn, sample = [], simlap.sample_partners
+    spy = lambda y, *a, **k: drawn.append((y, sample(y, *a, **k))) or drawn[-1][1]  # noqa: E731
+    monkeypatch.setattr(simlap, "sample_partners", spy)
+    out = tmp_path / "run"
+    flags = [*TINY, "--workers", "0", "--dataset", "fashionmnist", "--data", str(root), "--batch-size", "24",
+             "--output-dir", str(out)]
+    train.main([*flags, "--classes", "0,1,3,5,6,9", "--pairs", "nearest", "--stop-after", "1"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["classes"] == [0, 1, 3, 5, 6, 9] and ckpt["args"]["num_classes"] == 6
+    (y, y2), = drawn  # one step, the whole training set: 4 images of each of the 6 classes, relabelled 0..5
+    assert torch.equal(torch.bincount(y), torch.full((6,), 4))
+    # t-shirt/top (0) <-> shirt (4), sandal (3) <-> ankle boot (5); trouser (1) and dress (2) have no relative
+    partner = {0: {4}, 4: {0}, 3: {5}, 5: {3}, 1: {0, 2, 3, 4, 5}, 2: {0, 1, 3, 4, 5}}
+    assert all(b in partner[a] for a, b in zip(y.tolist(), y2.tolist()))
+    with pytest.raises(simlap.UserError, match="from 0 to 9"):
+        train.main([*flags, "--classes", "3,10", "--output-dir", str(tmp_path / "x")])
+    res = ev.main(["--checkpoint", str(out / "checkpoint.pt"), "--workers", "0", "--device", "cpu", "--k", "5",
+                   "--probe-iters", "5", "--output-dir", str(tmp_path / "seen")])
+    assert (res["dataset"], res["num_train"], res["num_test"], res["image_size"]) == ("fashionmnist", 24, 12, 8)
+    _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
+    sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
+    overlap = sharp @ sharp.T  # the natural groups: pairs (0, 4) and (3, 5) share one, the other 13 pairs none
+    same = torch.zeros(6, 6, dtype=torch.bool)
+    same[0, 4] = same[4, 0] = same[3, 5] = same[5, 3] = True
+    assert res["gates"]["overlap_shared_attribute"] == pytest.approx(overlap[same].mean().item(), abs=1e-6)
+    none = ~same & ~torch.eye(6, dtype=torch.bool)
+    assert res["gates"]["overlap_no_shared_attribute"] == pytest.approx(overlap[none].mean().item(), abs=1e-6)
+    unseen = ev.main(["--checkpoint", str(out / "checkpoint.pt"), "--workers", "0", "--device", "cpu", "--k", "5",
+                      "--probe-iters", "5", "--classes", "2,4,7,8", "--output-dir", str(tmp_path / "unseen")])
+    assert (unseen["num_train"], unseen["num_test"]) == (16, 8)
 
 
 # ----------------------------------------------------------------------------------------------- eval.py
@@ -1397,7 +1524,7 @@ def test_mismatched_label_file_is_refused(tmp_path, weights, label_file, capsys)
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     shuffled.targets, shuffled.images = shuffled.targets[perm], shuffled.images[perm]
     cases = {"other length": [str(path), "--synthetic-per-class", "3"],
-             "other samples, same length": [str(path), "--synthetic-per-class", "4", "--synthetic-classes",
+             "other samples, same length": [str(path), "--synthetic-per-class", "4", "--classes",
                                             ",".join(map(str, range(8)))],
              "other order": [edited("order.pt", fingerprint=simlap.fingerprint(shuffled))],
              "other data set": [edited("cifar.pt", dataset="cifar10")],

@@ -48,16 +48,19 @@ def build_parser():
                       "the demo's.")
     a = p.add_argument
     a("--dataset", default="synthetic", choices=simlap.DATASETS, help="training set (default: synthetic)")
-    a("--data", default="./data",
-      help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/ (default: ./data)")
-    a("--download", action="store_true", help="let torchvision download cifar10/cifar100/stl10 into --data")
+    a("--data", default="./data", help="data root; imagefolder wants DATA/train/<class>/ and DATA/val/<class>/; "
+      "fashionmnist its four idx files (apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist) "
+      "(default: ./data)")
+    a("--download", action="store_true", help="let torchvision download the data set (cifar10, fashionmnist, ...) "
+      "into --data")
     a("--synthetic-per-class", type=positive_int, default=500,
       help="synthetic training images per class (default: 500)")
-    a("--synthetic-classes", default=None, help="comma-separated ids of the synthetic classes to train on, "
-      "id = 4 x shape + colour (default: all 16); the others stay unseen, to measure transfer to them")
+    a("--classes", type=simlap.class_ids, default=None, help="comma-separated ids of the classes to train on, "
+      "relabelled 0.. in this order (synthetic: id = 4 x shape + colour) (default: all); the others stay unseen, "
+      "to measure transfer to them")
     a("--arch", default=None, help=f"backbone: {', '.join(simlap.ARCHS)} (default: resnet18; demo: convnet)")
     a("--image-size", type=positive_int, default=None,
-      help="crop size (default: 32 synthetic and cifar, 96 stl10, else 224)")
+      help="crop size (default: 32 synthetic, fashionmnist and cifar, 96 stl10, else 224)")
     a("--epochs", type=positive_int, default=None, help="epochs (default: 1000, Table 5a; demo: see the start line)")
     a("--batch-size", type=positive_int, default=None,
       help="GLOBAL batch over all GPUs (default: 1024, Table 5a; demo: see the start line)")
@@ -84,8 +87,8 @@ def build_parser():
     a("--moco-m", type=ranged(float, 0, 1), default=None,
       help=f"{', '.join(MOMENTUM)}: momentum m0 of the momentum encoder, raised to 1 over training by MoCo v3's "
       "cosine schedule (default: 0.99; MoCo v3 takes 0.996 for long runs)")
-    a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save "
-      "(default on synthetic: the number of differing attributes)")
+    a("--class-distances", default=None, help="--pairs nearest: a (K, K) tensor saved with torch.save (default on "
+      "synthetic: the number of differing attributes; fashionmnist: 0 same class, 1 same group, 2 otherwise)")
     a("--nearest-n", type=nonneg_int, default=1, help="--pairs nearest: draw among the n closest classes (default: 1)")
     a("--gate-penalty", type=nonneg_float, default=0.0,
       help="lambda of the gate penalty, eq. 5 (default: 0, as Table 3d)")
@@ -120,18 +123,6 @@ def parse_args(argv=None):
     args.moco_m = (0.99 if args.moco_m is None else args.moco_m) if args.method in MOMENTUM else None
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}" + (
         f"-{args.pairs}" if args.pairs not in (None, "arbitrary") else ""))
-    if args.synthetic_classes is not None:
-        if args.dataset != "synthetic":
-            raise UserError("--synthetic-classes applies to --dataset synthetic only")
-        try:
-            ids = [int(i) for i in args.synthetic_classes.split(",")]
-        except ValueError:
-            ids = []
-        K = simlap.SyntheticShapes.NUM_CLASSES
-        if len(ids) < 2 or len(set(ids)) < len(ids) or not all(0 <= i < K for i in ids):
-            raise UserError(f"--synthetic-classes {args.synthetic_classes!r}: give at least 2 distinct ids "
-                            f"from 0 to {K - 1}, comma-separated, e.g. 1,2,3,4")
-        args.synthetic_classes = ids
     if args.arch not in simlap.ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose one of {', '.join(simlap.ARCHS)}")
     patch = simlap.vit_patch(args.small_images)
@@ -169,7 +160,7 @@ def apply_defaults(args):
     if args.proj_hidden is None:  # the authors' 4096 for simlap-moco's three-layer heads, too slow for the demo
         args.proj_hidden = 2048 if demo or not moco else 4096
         departures.update({"proj_hidden": 2048} if demo and moco else {})
-    native = {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
+    native = {"synthetic": 32, "fashionmnist": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}  # Fashion: 28 px
     args.image_size = args.image_size or native.get(args.dataset, 224)
     return departures
 
@@ -199,9 +190,10 @@ def load_checkpoint(path, args, num_classes):
                      ("moco_m", args.moco_m),
                      ("num_classes", num_classes), ("proj_dim", args.proj_dim),
                      ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
-                     ("synthetic_classes", args.synthetic_classes), ("labels_fingerprint", args.labels_fingerprint)):
-        if old.get(key) != now:
-            raise UserError(f"checkpoint {path} has {key}={old.get(key)} but this run has {now}; "
+                     ("classes", args.classes), ("labels_fingerprint", args.labels_fingerprint)):
+        was = simlap.trained_classes(old) if key == "classes" else old.get(key)
+        if was != now:
+            raise UserError(f"checkpoint {path} has {key}={was} but this run has {now}; "
                             "use the same flags or another --output-dir")
     return ckpt
 
@@ -260,10 +252,10 @@ def init_device():
 def load_data(args):
     """The splits, the training labels, the class distances of --pairs nearest, and the schedule -> a namespace."""
     try:
-        synthetic = dict(synthetic_per_class=args.synthetic_per_class, synthetic_classes=args.synthetic_classes)
-        train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download, **synthetic)
+        chosen = dict(synthetic_per_class=args.synthetic_per_class, classes=args.classes)
+        train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download, **chosen)
         test_set = simlap.build_dataset(args.dataset, args.data, "test", simlap.eval_transform(args.image_size),
-                                        download=args.download, **synthetic)
+                                        download=args.download, **chosen)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e))
     labels, num_classes = training_labels(args, train_raw)  # the data set's, or pseudo labels (--labels)
@@ -280,8 +272,8 @@ def load_data(args):
                 class_dist = simlap.load_tensors(args.class_distances)
             except ValueError as e:
                 raise UserError(f"--class-distances {args.class_distances} {e}")
-        elif args.dataset == "synthetic" and labels is None:
-            class_dist = train_raw.attribute_distance()
+        elif labels is None and simlap.class_attributes(args.dataset) is not None:  # synthetic, fashionmnist
+            class_dist = simlap.class_distance(simlap.class_attributes(args.dataset, args.classes))
         if class_dist is None or tuple(class_dist.shape) != (num_classes, num_classes):
             raise UserError(f"--pairs nearest needs --class-distances FILE holding a ({num_classes}, {num_classes}) "
                             "tensor")
