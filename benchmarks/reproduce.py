@@ -1,8 +1,11 @@
-"""The paper's claims at laptop scale: every method on the synthetic shapes, one fixed budget, 3 seeds, a verdict each.
+"""The paper's claims at laptop scale: every method on the synthetic shapes (or on Fashion-MNIST), one fixed budget,
+3 seeds, a verdict each.
 
     python benchmarks/reproduce.py                 # every case x 3 seeds, 2 runs at a time: ~50-60 min on 2 cores
     python benchmarks/reproduce.py --cases SimLAP SupCon --seeds 0
+    python benchmarks/reproduce.py --data fashionmnist     # real images (below)
     python benchmarks/reproduce.py --smoke         # tiny and quick, for CI (the figures mean nothing)
+    python benchmarks/reproduce.py --data fashionmnist --smoke     # on a fake idx file it writes itself
 
 Data. Classes are (shape, colour) pairs, id = 4 x shape + colour. Training sees 12 of the 16 classes, 500 images
 each; the 2 x 2 block {red, green} x {circle, square} (ids 0, 1, 4, 5) is held out. Every held-out shape and colour
@@ -54,12 +57,29 @@ mean d >= -1 point; not reproduced if d < -1 at every seed; else inconclusive.
     6a Fig. 12: SimLAP's gate overlap, shared minus none, beats 0 by 0.05 (every seed >= 0.05)
     6b Fig. 9: SimLAP's gate entropy beats untrained's (its filter at step 0) by half of untrained's entropy
     7  SimLAP-MoCo matches SimLAP, unseen kNN; SimLAP-pseudo matches SimCLR (its label source), unseen kNN
+
+Real images, --data fashionmnist (Xiao et al. 2017; --data-root: the folder of its four idx files, by default where
+`apt-get install dataset-fashion-mnist` puts them). The same rules, recipe and measures, fixed before its first full
+run, except:
+    split    training: the train split of t-shirt/top, trouser, dress, sandal, shirt, ankle boot (6000 images each);
+             held out: pullover, coat, sneaker, bag (all but bag have relatives in training, pullover vs coat is hard).
+             Seen: bank = the 36000 training images, test = their 6000 test-split images (6-way, chance 16.7 %);
+             unseen: bank / probe set = the 24000 train-split images of the 4, test = their 4000 (4-way, chance 25 %)
+    budget   the demo's recipe as above for 3 epochs = 420 steps (the synthetic runs: 460); the 28 px images are
+             cropped and resized to 32 px (eval: resized); the kNN monitor every epoch
+    cases    untrained, SimLAP, SupCon, SimCLR, Hydra, SupCon-arbitrary, SimLAP N=1, SupCon-pairs N=1. N=1 is the
+             nearest other class under the natural groups (distance 0 same class, 1 same group, 2 otherwise):
+             t-shirt/top <-> shirt, sandal <-> ankle boot; trouser and dress have no relative in training, so theirs
+             is any other class (all at distance 2, ties included)
+    gates    "shared" = the same natural group (2 of the 15 seen pairs: t-shirt/top & shirt, sandal & ankle boot)
+    claim 2  the drop is measured from N=1 to N=all (N=0 is not run), with the same thresholds
 Reported as mean ± std (n-1) over seeds. Runs go to --runs-dir/<case>-seed<s>/ with a result.json; a finished run
 is reused (and train.py resumes an unfinished one), so an interrupted benchmark continues where it stopped.
 Delete that folder after changing a flag.
 """
 import argparse
 import contextlib
+import gzip
 import json
 import os
 import statistics
@@ -76,8 +96,6 @@ import simlap  # noqa: E402
 import train  # noqa: E402
 from common import add_output_flags, machine_info, run_child, write_json  # noqa: E402  (benchmarks/common.py)
 
-UNSEEN = (0, 1, 4, 5)  # {red, green} x {circle, square}
-SEEN = tuple(i for i in range(16) if i not in UNSEEN)
 nearest = lambda method, n: ["--method", method, "--pairs", "nearest", "--nearest-n", str(n)]  # noqa: E731
 CASES = {"SimLAP": ["--method", "simlap"], "SupCon": ["--method", "supcon"], "SimCLR": ["--method", "simclr"],
          "Hydra": ["--method", "hydra"], "SupCon-arbitrary": ["--method", "supcon-arbitrary"],
@@ -85,70 +103,116 @@ CASES = {"SimLAP": ["--method", "simlap"], "SupCon": ["--method", "supcon"], "Si
          "SupCon-pairs N=0": nearest("supcon-arbitrary", 0), "SupCon-pairs N=1": nearest("supcon-arbitrary", 1),
          "SimLAP-MoCo": ["--method", "simlap-moco"], "SimLAP-pseudo": ["--method", "simlap"]}
 PSEUDO_SOURCE = "SimCLR"  # SimLAP-pseudo trains on the k-means clusters of this case's backbone (same seed)
+# Per --data: the classes held out, the cases, the budget, and what "shared" means for the gates (the docstring).
+SETUPS = {"synthetic": dict(num_classes=16, unseen=(0, 1, 4, 5), cases=tuple(CASES), epochs=20, knn_every=2,
+                            shared="sharing an attribute"),  # unseen: {red, green} x {circle, square}
+          "fashionmnist": dict(num_classes=10, unseen=(2, 4, 7, 8), epochs=3, knn_every=1,  # pullover, coat, ...
+                               cases=("SimLAP", "SupCon", "SimCLR", "Hydra", "SupCon-arbitrary", "SimLAP N=1",
+                                      "SupCon-pairs N=1"), shared="in one natural group")}
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # where the package dataset-fashion-mnist puts the idx files
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE",
-                   help=f"cases to train (default: all: {', '.join(CASES)}); untrained is always measured")
+    p.add_argument("--data", default="synthetic", choices=list(SETUPS), help="data set (default: synthetic)")
+    p.add_argument("--data-root", default=FASHION_ROOT, help=f"fashionmnist: its idx files (default: {FASHION_ROOT})")
+    p.add_argument("--cases", nargs="+", default=None, choices=list(CASES), metavar="CASE",
+                   help=f"cases to train (default: all of the data set's: {', '.join(CASES)} on synthetic); "
+                   "untrained is always measured")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
-    p.add_argument("--epochs", type=int, default=20, help="default: 20")
-    p.add_argument("--per-class", type=int, default=500, help="training images per seen class (default: 500)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 20 synthetic, 3 fashionmnist")
+    p.add_argument("--per-class", type=int, default=500, help="synthetic: training images per seen class "
+                   "(default: 500; fashionmnist trains on all of its 6000)")
     p.add_argument("--image-size", type=int, default=32, help="default: 32")
-    p.add_argument("--eval-per-class", type=int, default=100,
-                   help="test images per class, seen and unseen; the unseen bank gets twice as many (default: 100)")
+    p.add_argument("--eval-per-class", type=int, default=100, help="synthetic: test images per class, seen and "
+                   "unseen; the unseen bank gets twice as many (default: 100; fashionmnist: its whole splits)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side, one CPU thread each; 1 = in this process "
                                                        "with torch's threads (default: 2)")
-    p.add_argument("--runs-dir", default=os.path.join(ROOT, "benchmarks", "results", "reproduce"),
-                   help="default: benchmarks/results/reproduce (reproduce_smoke with --smoke)")
-    p.add_argument("--png", default=None, help="kNN against training step (default: benchmarks/reproduce_knn.png, "
-                   "the README's figure, for the full default run; else benchmarks/results/reproduce_knn.png)")
+    p.add_argument("--runs-dir", default=None, help="default: benchmarks/results/reproduce[_fashionmnist] "
+                   "(reproduce[_fashionmnist]_smoke with --smoke)")
+    p.add_argument("--png", default=None, help="kNN against training step (default: benchmarks/reproduce[_fashionmnist]"
+                   "_knn.png, the README's figure, for the full default run; else under benchmarks/results/); the "
+                   "gate overlap goes beside it, *_gates.png")
     p.add_argument("--child", nargs=2, metavar=("CASE", "SEED"), help=argparse.SUPPRESS)  # one run, in a subprocess
-    add_output_flags(p, "reproduce", "1 seed, 1 epoch, 8 px, 4 images per class, 1 job (for CI)", threads=False)
+    add_output_flags(p, "reproduce[_fashionmnist]", "1 seed, 1 epoch, 8 px, 8 images per class, 1 job (for CI); "
+                     "fashionmnist: on a fake idx file it writes", threads=False)
     args = p.parse_args(argv)
-    full = args.cases == list(CASES) and args.seeds == [0, 1, 2] and (args.epochs, args.per_class) == (20, 500)
-    args.png = args.png or os.path.join(ROOT, "benchmarks", *([] if full else ["results"]), "reproduce_knn.png")
+    setup = SETUPS[args.data]
+    args.name = "reproduce" + ("" if args.data == "synthetic" else f"_{args.data}")
+    args.unseen = setup["unseen"]
+    args.seen = tuple(i for i in range(setup["num_classes"]) if i not in args.unseen)
+    args.cases, args.epochs = args.cases or list(setup["cases"]), args.epochs or setup["epochs"]
+    full = (args.cases == list(setup["cases"]) and args.seeds == [0, 1, 2] and args.epochs == setup["epochs"]
+            and (args.per_class == 500 or args.data != "synthetic"))
+    args.runs_dir = args.runs_dir or os.path.join(ROOT, "benchmarks", "results", args.name)
+    args.png = args.png or os.path.join(ROOT, "benchmarks", *([] if full else ["results"]), f"{args.name}_knn.png")
     args.extra = []  # train.py flags every case gets on top of the demo's defaults
     if args.smoke:
         args.seeds, args.epochs, args.per_class, args.image_size, args.eval_per_class = [0], 1, 8, 8, 10
         args.extra, args.jobs = ["--batch-size", "16", "--proj-hidden", "64", "--proj-dim", "32"], 1
-        args.runs_dir = os.path.join(ROOT, "benchmarks", "results", "reproduce_smoke")
-        args.png = os.path.join(args.runs_dir, "reproduce_knn.png")
+        args.runs_dir = os.path.join(ROOT, "benchmarks", "results", f"{args.name}_smoke")
+        args.png = os.path.join(args.runs_dir, f"{args.name}_knn.png")
+        if args.data == "fashionmnist":
+            args.data_root = os.path.join(args.runs_dir, "fake-data")
     return args
 
 
 def train_argv(args, case, seed, out_dir):
-    argv = ["--synthetic-classes", ",".join(map(str, SEEN)), "--synthetic-per-class", str(args.per_class),
-            "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--knn-every", "2",
-            "--knn-samples", "2000", "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
-            *args.extra, *CASES[case]]
+    if args.data == "synthetic":  # train.py's defaults there are the demo's recipe
+        data = ["--synthetic-per-class", str(args.per_class)]
+    else:  # the same recipe, given explicitly
+        recipe = [f for k, v in train.DEMO.items() if k != "epochs" for f in (f"--{k.replace('_', '-')}", str(v))]
+        data = ["--dataset", args.data, "--data", args.data_root, *recipe]
+    argv = ["--classes", ",".join(map(str, args.seen)), *data,
+            "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--knn-every",
+            str(SETUPS[args.data]["knn_every"]), "--knn-samples", "2000", "--workers", "0", "--seed", str(seed),
+            "--output-dir", out_dir, *args.extra, *CASES[case]]
     if case == "SimLAP-pseudo":
         argv += ["--labels", pseudo_labels(args, seed)]
     return argv
 
 
 def pseudo_labels(args, seed):
-    """Appendix C: eval.py --kmeans 12 on the backbone of PSEUDO_SOURCE (same seed) -> the label file's path."""
-    source = os.path.join(args.runs_dir, f"{PSEUDO_SOURCE}-seed{seed}")
-    path = os.path.join(source, f"pseudo_labels_{len(SEEN)}.pt")
+    """Appendix C: eval.py --kmeans K (K = the seen classes) on the backbone of PSEUDO_SOURCE (same seed) -> the
+    label file's path."""
+    source, K = os.path.join(args.runs_dir, f"{PSEUDO_SOURCE}-seed{seed}"), len(args.seen)
+    path = os.path.join(source, f"pseudo_labels_{K}.pt")
     if not os.path.exists(path):
         with contextlib.redirect_stdout(sys.stderr):
-            evaluation.main(["--checkpoint", os.path.join(source, "checkpoint.pt"), "--kmeans", str(len(SEEN)),
+            evaluation.main(["--checkpoint", os.path.join(source, "checkpoint.pt"), "--kmeans", str(K),
                              "--kmeans-seed", str(seed), "--workers", "0", "--device", "cpu"])
     return path
 
 
 def eval_sets(args):
-    """(seen bank, seen test, unseen bank, unseen test) with the eval transform, labels re-indexed per subset."""
+    """(seen bank, seen test, unseen bank, unseen test) with the eval transform, labels re-indexed per subset. The
+    seen bank is exactly the training set of train.py."""
     t = simlap.eval_transform(args.image_size)
+    if args.data == "fashionmnist":  # the whole train and test splits of each group of classes
+        split = lambda s, classes: simlap.build_dataset(args.data, args.data_root, s, t, classes=classes)  # noqa: E731
+        return split("train", args.seen), split("test", args.seen), split("train", args.unseen), split("test",
+                                                                                                      args.unseen)
     shapes = lambda split, n, classes: simlap.SyntheticShapes(split, n, classes=classes, transform=t)  # noqa: E731
     return (simlap.build_dataset("synthetic", None, "train", t, synthetic_per_class=args.per_class,
-                                 synthetic_classes=list(SEEN)),  # exactly the images train.py trained on
-            shapes("test", args.eval_per_class, SEEN), shapes("train", 2 * args.eval_per_class, UNSEEN),
-            shapes("test", args.eval_per_class, UNSEEN))
+                                 classes=list(args.seen)),
+            shapes("test", args.eval_per_class, args.seen), shapes("train", 2 * args.eval_per_class, args.unseen),
+            shapes("test", args.eval_per_class, args.unseen))
 
 
-def measure(model, sets, gates):
+def fake_fashion_mnist(folder, train_per_class=8, test_per_class=4):
+    """--smoke: the four gzipped idx files of a tiny fake Fashion-MNIST (noise, brighter for higher labels)."""
+    os.makedirs(folder, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = torch.arange(10).repeat(n).to(torch.uint8)
+        images = (torch.rand(len(labels), 28, 28, generator=gen) * 100 + labels[:, None, None] * 15).to(torch.uint8)
+        for kind, t in (("images-idx3", images), ("labels-idx1", labels)):  # header: 0, 0, 8 (uint8), ndim, dims
+            header = bytes([0, 0, 8, t.ndim]) + b"".join(d.to_bytes(4, "big") for d in t.shape)
+            with gzip.open(os.path.join(folder, f"{split}-{kind}-ubyte.gz"), "wb") as f:
+                f.write(header + t.numpy().tobytes())
+
+
+def measure(args, model, sets, gates):
     """Every number of one run, from the backbone features of the four eval sets."""
     loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=256)  # noqa: E731
     cpu = torch.device("cpu")
@@ -160,10 +224,10 @@ def measure(model, sets, gates):
            "rank": evaluation.effective_rank(evaluation.singular_values(ft)),
            "overlap": evaluation.similarity_overlap(ft, yt)["overlap"]}
     if gates:
-        attributes = simlap.SyntheticShapes("train", 1, classes=SEEN).attributes
+        attributes = simlap.class_attributes(args.data, args.seen)  # synthetic: shape, colour; fashion: group
         g = evaluation.gate_analysis(evaluation.class_gates(model.filter), attributes=attributes)
         out.update(gate_shared=g["overlap_shared_attribute"], gate_none=g["overlap_no_shared_attribute"],
-                   gate_entropy=g["mean_entropy"], gate_open=g["mean_open_dims"])
+                   gate_entropy=g["mean_entropy"], gate_open=g["mean_open_dims"], gate_matrix=g["gate_overlap"])
     return out
 
 
@@ -178,7 +242,7 @@ def run(args, case, seed, sets):
     if case == "untrained":  # the same constructor and seed as train.py's model, never trained
         torch.manual_seed(seed)
         a = train.parse_args(train_argv(args, "SimLAP", seed, out_dir))
-        model = simlap.SimLAP(a.arch, len(SEEN), small_images=a.small_images, image_size=a.image_size,
+        model = simlap.SimLAP(a.arch, len(args.seen), small_images=a.small_images, image_size=a.image_size,
                               proj_hidden=a.proj_hidden, proj_dim=a.proj_dim)
         gates, curve = True, []  # its filter is SimLAP's at step 0
     else:
@@ -189,7 +253,7 @@ def run(args, case, seed, sets):
         with open(os.path.join(out_dir, "log.jsonl")) as f:
             curve = [(r["step"], 100 * r["knn_top1"]) for r in map(json.loads, f) if "knn_top1" in r]
     train_s = time.time() - tic
-    res = {"case": case, "seed": seed, "train_s": train_s, "knn_curve": curve, **measure(model, sets, gates)}
+    res = {"case": case, "seed": seed, "train_s": train_s, "knn_curve": curve, **measure(args, model, sets, gates)}
     res["eval_s"] = time.time() - tic - train_s
     os.makedirs(out_dir, exist_ok=True)
     with open(done + ".tmp", "w") as f:
@@ -200,9 +264,9 @@ def run(args, case, seed, sets):
 
 def run_one(args, case, seed):
     """One run in a fresh process with one CPU thread (so that --jobs runs share the cores evenly)."""
-    argv = ["--child", case, str(seed), "--seeds", str(seed), "--epochs", str(args.epochs), "--per-class",
-            str(args.per_class), "--image-size", str(args.image_size), "--eval-per-class", str(args.eval_per_class),
-            "--runs-dir", args.runs_dir] + (["--smoke"] * args.smoke)
+    argv = ["--child", case, str(seed), "--data", args.data, "--data-root", args.data_root, "--seeds", str(seed),
+            "--epochs", str(args.epochs), "--per-class", str(args.per_class), "--image-size", str(args.image_size),
+            "--eval-per-class", str(args.eval_per_class), "--runs-dir", args.runs_dir] + (["--smoke"] * args.smoke)
     return run_child(__file__, argv, f"{case} seed {seed}", env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
@@ -242,8 +306,9 @@ def all_of(verdicts):
             "not reproduced" if "not reproduced" in verdicts else "inconclusive")
 
 
-def verdicts(s):
-    """The rules of the docstring, applied to summary() -> [(claim, the measurement in words, verdict)]."""
+def verdicts(s, shared="sharing an attribute"):
+    """The rules of the docstring, applied to summary() -> [(claim, the measurement in words, verdict)]. shared: what
+    relates two classes whose gates claim 6a compares."""
     v = lambda case, k: s[case]["values"][k] if case in s and k in s[case]["values"] else None  # noqa: E731
     fmt = lambda case, k, f="{:.1f}": (f + " ± " + f).format(*s[case][k])  # noqa: E731
     out = []
@@ -259,17 +324,20 @@ def verdicts(s):
     def drop(n0, arbitrary):
         return [x - y for x, y in zip(v(n0, "seen_knn"), v(arbitrary, "seen_knn"))]
 
+    near = "N=0" if "SupCon-pairs N=0" in s else "N=1"  # fashionmnist runs N=1 only (the docstring)
+
     def fig8():
-        sup, sim = drop("SupCon-pairs N=0", "SupCon-arbitrary"), drop("SimLAP N=0", "SimLAP")
+        sup, sim = drop(f"SupCon-pairs {near}", "SupCon-arbitrary"), drop(f"SimLAP {near}", "SimLAP")
         if min(sup) >= 5 and min(x - y for x, y in zip(sup, sim)) >= 5:
             return "reproduced"
         return "not reproduced" if statistics.mean(sup) < 2 or statistics.mean(sim) >= statistics.mean(sup) \
             else "inconclusive"
 
     claim("2 Fig. 8: SupCon degrades as positives get farther, SimLAP holds",
-          ("SupCon-pairs N=0", "SupCon-arbitrary", "SimLAP N=0", "SimLAP"),
-          lambda: "seen-kNN drop from N=0 to N=all: SupCon-pairs {:.1f}, SimLAP {:.1f} (mean)".format(
-              statistics.mean(drop("SupCon-pairs N=0", "SupCon-arbitrary")), statistics.mean(drop("SimLAP N=0", "SimLAP"))),
+          (f"SupCon-pairs {near}", "SupCon-arbitrary", f"SimLAP {near}", "SimLAP"),
+          lambda: "seen-kNN drop from {} to N=all: SupCon-pairs {:.1f}, SimLAP {:.1f} (mean)".format(
+              near, statistics.mean(drop(f"SupCon-pairs {near}", "SupCon-arbitrary")),
+              statistics.mean(drop(f"SimLAP {near}", "SimLAP"))),
           fig8)
     claim("3 Fig. 7: Hydra at least matches SimCLR", ("Hydra", "SimCLR"),
           lambda: f"unseen kNN {fmt('Hydra', 'unseen_knn')} vs {fmt('SimCLR', 'unseen_knn')}",
@@ -287,7 +355,7 @@ def verdicts(s):
           lambda: "intra/inter similarity overlap {} vs {} / {}".format(
               *(fmt(c, "overlap", "{:.3f}") for c in ("SimLAP", "SupCon", "SimCLR"))),
           lambda: all_of([beats(neg("SimLAP"), neg(b), 0) for b in ("SupCon", "SimCLR")]))
-    claim("6a Fig. 12: gates of classes sharing an attribute overlap more", ("SimLAP",),
+    claim(f"6a Fig. 12: gates of classes {shared} overlap more", ("SimLAP",),
           lambda: f"gate overlap shared {fmt('SimLAP', 'gate_shared', '{:.3f}')} vs none {fmt('SimLAP', 'gate_none', '{:.3f}')}",
           lambda: beats(v("SimLAP", "gate_shared"), v("SimLAP", "gate_none"), 0.05))
     claim("6b Fig. 9: the gates become binary", ("SimLAP", "untrained"),
@@ -360,12 +428,65 @@ def draw_curves(rows, png, cases, width=760, height=440):
     return png
 
 
+def draw_gate_overlap(rows, png, cases, names, per_row=3):
+    """The seen classes' K x K gate overlap (eval.py's, Fig. 12: the cosine of two classes' binarised gates), mean
+    over seeds, one panel per case that has gates, class names on both axes and each cell's value in it (PIL)."""
+    from PIL import Image, ImageDraw
+    panels = {}
+    for case in cases:
+        mats = [torch.tensor(r["gate_matrix"]) for r in rows if r["case"] == case and "gate_matrix" in r]
+        if mats:
+            panels[case] = (torch.stack(mats).mean(0), len(mats))
+    if not panels:
+        return None
+    K, cell = len(names), max(30, min(44, 360 // len(names)))
+    width = lambda text: ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text)[2]  # noqa: E731
+    margin = max(map(width, names)) + 10  # the row names on the left, the column names (turned) on top
+    side, cols = margin + K * cell + 20, min(per_row, len(panels))
+    img = Image.new("RGB", (cols * side + 10, -(-len(panels) // cols) * (side + 30) + 20), "white")
+    d = ImageDraw.Draw(img)
+    for p, (case, (m, n)) in enumerate(panels.items()):
+        left, top = 10 + (p % cols) * side, (p // cols) * (side + 30)
+        x0, y0 = left + margin, top + 30 + margin
+        d.text((left, top + 8), f"{case}: gate overlap, mean of {n} seed{'s' * (n > 1)}", fill="black")
+        for i, name in enumerate(names):
+            d.text((x0 - width(name) - 6, y0 + i * cell + cell // 2 - 6), name, fill="black")
+            label = Image.new("RGB", (width(name) + 2, 14), "white")
+            ImageDraw.Draw(label).text((0, 0), name, fill="black")
+            label = label.rotate(90, expand=True)
+            img.paste(label, (x0 + i * cell + cell // 2 - 7, y0 - label.height - 6))
+            for j in range(K):
+                v = float(m[i, j].clamp(0, 1))
+                box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell, y0 + (i + 1) * cell]
+                d.rectangle(box, fill=tuple(round(255 + (c - 255) * v) for c in PALETTE[0]), outline="white")
+                d.text((box[0] + cell // 2 - 11, box[1] + cell // 2 - 6), f"{v:.2f}",
+                       fill="white" if v > 0.5 else "black")
+    d.text((10, img.height - 16), "cosine of two classes' binarised gates: 1 = the same open dimensions, 0 = none "
+           "shared", fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    img.save(png)
+    return png
+
+
+def class_names(args, classes):
+    if args.data == "fashionmnist":
+        return [simlap.FashionMNIST.classes[c] for c in classes]
+    return simlap.SyntheticShapes("train", 1, classes=classes).classes
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:  # one run in this process: its result is the last line on stdout
         torch.set_num_threads(1)
         print(json.dumps(run(args, args.child[0], int(args.child[1]), eval_sets(args))), flush=True)
         return
+    if args.data == "fashionmnist":  # before any run: is the data there?
+        if args.smoke:
+            fake_fashion_mnist(args.data_root)
+        try:
+            simlap.build_dataset(args.data, args.data_root, "test")
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"reproduce.py: error: {e}")
     info = machine_info(torch.device("cpu"))
     print(json.dumps(info), flush=True)
     tic, sets = time.time(), eval_sets(args) if args.jobs == 1 else None
@@ -386,17 +507,23 @@ def main(argv=None):
                 futures[case, seed] = pool.submit(lambda c, s, w: (w and w.result(), run_one(args, c, s))[1],
                                                   case, seed, wait)
                 continue
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "knn_curve"}), flush=True)
+            print(json.dumps(scalars(rows[-1])), flush=True)
         for (case, seed), f in futures.items():
             rows.append(f.result())
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "knn_curve"}), flush=True)
+            print(json.dumps(scalars(rows[-1])), flush=True)
     summ, wall = summary(rows), time.time() - tic
-    claims = verdicts(summ)
+    claims = verdicts(summ, SETUPS[args.data]["shared"])
     png = draw_curves(rows, args.png, [c for c in CASES if c in args.cases and "N=" not in c])
-    print(f"\n{info['summary']}, torch {info['torch']}; seeds {args.seeds}, {args.epochs} epochs, {args.jobs} "
-          f"job(s), {wall / 60:.1f} min in all; figure: {png}\n\n{markdown(summ, claims)}")
-    write_json(args, "reproduce", {"machine": info, "args": vars(args), "seen": SEEN, "unseen": UNSEEN,
-                                   "wall_s": wall, "runs": rows, "summary": summ, "verdicts": claims})
+    gates = draw_gate_overlap(rows, args.png.replace("_knn.png", "_gates.png"), args.cases,
+                              class_names(args, args.seen))
+    print(f"\n{info['summary']}, torch {info['torch']}; {args.data}, seeds {args.seeds}, {args.epochs} epochs, "
+          f"{args.jobs} job(s), {wall / 60:.1f} min in all; figures: {png}, {gates}\n\n{markdown(summ, claims)}")
+    write_json(args, args.name, {"machine": info, "args": vars(args), "seen": args.seen, "unseen": args.unseen,
+                                 "wall_s": wall, "runs": rows, "summary": summ, "verdicts": claims})
+
+
+def scalars(row):  # a run's result without its curve and matrix, for the progress lines
+    return {k: v for k, v in row.items() if k not in ("knn_curve", "gate_matrix")}
 
 
 if __name__ == "__main__":
