@@ -26,7 +26,13 @@ k = 10 (Table 4) and --k; an L-BFGS logistic-regression probe whose l2 strength 
 from the training split (a seeded, stratified 20 %) among 1e-6, 1e-5, ..., 1 (Chen et al.: 45 values from 1e-6 to
 1e5), then refitted on the whole training split and scored on test (tuned_probe). Results go to transfer.json and
 transfer.md, one row per set and the layouts of Tables 1 and 4 with the paper's rows beside; a set missing under
---data is reported as missing, with how to get it, and the others still run.
+--data is reported as missing, with how to get it, and the others still run. What each set is read from under --data
+(as torchvision's downloads unpack; Stanford Cars can no longer be downloaded):
+    cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}    cifar-100-python/{train,test,meta}
+    stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin      flowers-102/{jpg/,imagelabels.mat,setid.mat}
+    oxford-iiit-pet/{images/,annotations/trainval.txt,test.txt}      food-101/{images/<class>/,meta/{train,test}.json}
+    stanford_cars/{devkit/{cars_meta,cars_train_annos}.mat,cars_train/,cars_test/,cars_test_annos_withlabels.mat}
+    imagefolder: train/<class>/* and val/<class>/*, val's classes matched to train's by folder name
 """
 import math
 import os
@@ -81,7 +87,8 @@ def tuned_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=300, d
     """The linear probe of Chen et al. 2020 (SimCLR, appendix B.8), which the paper follows for Table 1: each l2
     strength of `grid` is fitted on the training split less a validation split carved from it (carve_validation) and
     scored on that; the best (highest validation top-1; ties: the strongest) is refitted on the whole training split
-    and scored on the test split. Chen et al. try 45 strengths from 1e-6 to 1e5; grid is 7 of them, one a decade.
+    and scored on the test split. Chen et al. try 45 strengths from 1e-6 to 1e5; grid is 7 of them, one a decade. They
+    select on a set's official validation split where it has one (Flowers-102); here it is carved for every set.
     -> linear_probe's dict, the chosen "weight_decay" and each strength's "validation_top1"."""
     val = carve_validation(train_y)
     scores = {wd: linear_probe(train_f[~val], train_y[~val], train_f[val], train_y[val], num_classes, iters, wd,
@@ -733,7 +740,7 @@ def transfer_markdown(res, k):
             lines += ["", f"| {title} | " + " | ".join(ours) + " |", "|---" * (len(ours) + 1) + "|",
                       "| this backbone | " + " | ".join(map(show, ours.values())) + " |"]
             lines += [f"| paper: {who} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for who, row in paper.items()]
-    missing = [f"{name}: {r['how']}" for name, r in res["sets"].items() if r["status"] != "ok"]
+    missing = [r["how"] for r in res["sets"].values() if r["status"] != "ok"]  # each names its set
     return "\n".join(lines + ([""] + missing if missing else [])) + "\n"
 
 

@@ -1297,7 +1297,7 @@ def test_transfer_over_every_data_set_prints_the_papers_tables(tmp_path, weights
     res = ev.main([*argv, "food101,pets"])
     printed = capsys.readouterr().out
     assert res["sets"]["food101"]["status"] == "missing" and res["sets"]["pets"]["status"] == "ok"
-    assert "| food101 | missing |" in printed and "food101: food101 not found under --data" in printed
+    assert "| food101 | missing |" in printed and "\nfood101 not found under --data" in printed
     assert "pass --download to fetch it" in printed and res["tables"]["table1"]["AVG"] is None
     assert res["tables"]["table4"] == {"CF10": None, "CF100": None, "Cars": None, "Food": "missing"}
 
