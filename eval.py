@@ -6,6 +6,8 @@ the class gates (Fig. 9, 12), of dimensional collapse (Fig. 3b) and of the simil
     python eval.py --backbone runs/x/backbone.pt --dataset stl10 --data ~/data --image-size 96  # arch read off it
     python eval.py --checkpoint runs/x/checkpoint.pt --synthetic-per-class 20 --image-size 16 --device cpu  # smoke
     python eval.py --checkpoint runs/simclr/checkpoint.pt --kmeans 1000     # pseudo labels for train.py --labels
+The paper's transfer evaluation (Table 1: linear probe on 6 sets; Table 4: kNN, k = 10, on 4), every set under --data:
+    python eval.py --backbone runs/x/backbone.pt --image-size 224 --data ~/data --transfer table1,table4
 
 The train split is the kNN bank and the probe's training set; the test split is what is evaluated. Features come
 from the backbone only (appendix B keeps f_E alone), in eval mode; they are extracted once per split and reused by
@@ -14,7 +16,23 @@ pseudo labels (appendix C) and reports their NMI and purity against the true lab
 an existing label file. Everything else uses the true labels. Every number goes to OUTPUT_DIR/eval.json (default:
 the folder of the weights), the K x D class gates to gates.png and their K x K overlap to gates_overlap.png. A
 bad input (an impossible flag value, missing or corrupt weights, weights carrying pickled code, another arch, missing
-data or split, k larger than the bank) prints one line on stderr and exits with status 2, before anything is written.
+data or split, a package a data set needs, k larger than the bank) prints one line on stderr and exits with status 2,
+before anything is written; so does an image file that cannot be decoded, when it is met.
+
+--transfer SETS evaluates one backbone on each set's official train/test split (README: the splits and sizes) by the
+protocol of Chen et al. 2020 (SimCLR, appendix B.8), which the paper cites: every image resized to --image-size on its
+shorter side (bicubic) and center-cropped, ImageNet normalisation, features extracted once per set; weighted kNN at
+k = 10 (Table 4) and --k; an L-BFGS logistic-regression probe whose l2 strength is chosen on a validation split carved
+from the training split (a seeded, stratified 20 %) among 1e-6, 1e-5, ..., 1 (Chen et al.: 45 values from 1e-6 to
+1e5), then refitted on the whole training split and scored on test (tuned_probe). Results go to transfer.json and
+transfer.md, one row per set and the layouts of Tables 1 and 4 with the paper's rows beside; a set missing under
+--data is reported as missing, with how to get it, and the others still run. What each set is read from under --data
+(as torchvision's downloads unpack; Stanford Cars can no longer be downloaded):
+    cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}    cifar-100-python/{train,test,meta}
+    stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin      flowers-102/{jpg/,imagelabels.mat,setid.mat}
+    oxford-iiit-pet/{images/,annotations/trainval.txt,test.txt}      food-101/{images/<class>/,meta/{train,test}.json}
+    stanford_cars/{devkit/{cars_meta,cars_train_annos}.mat,cars_train/,cars_test/,cars_test_annos_withlabels.mat}
+    imagefolder: train/<class>/* and val/<class>/*, val's classes matched to train's by folder name
 """
 import math
 import os
@@ -24,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 
 import simlap
 from simlap import UserError, nonneg_float, nonneg_int, one_line, positive_float, positive_int
@@ -59,6 +78,41 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=300, 
     with torch.no_grad():
         top1 = lambda a, b: 100 * (linear(a).argmax(1) == b).float().mean().item()  # noqa: E731
         return {"train_top1": top1(x, y), "test_top1": top1(x_test, y_test)}
+
+
+PROBE_GRID = tuple(10.0 ** e for e in range(-6, 1))  # --transfer's l2 strengths: the decades from 1e-6 to 1
+
+
+def tuned_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=300, device="cpu", grid=PROBE_GRID):
+    """The linear probe of Chen et al. 2020 (SimCLR, appendix B.8), which the paper follows for Table 1: each l2
+    strength of `grid` is fitted on the training split less a validation split carved from it (carve_validation) and
+    scored on that; the best (highest validation top-1; ties: the strongest) is refitted on the whole training split
+    and scored on the test split. Chen et al. try 45 strengths from 1e-6 to 1e5; grid is 7 of them, one a decade. They
+    select on a set's official validation split where it has one (Flowers-102); here it is carved for every set.
+    -> linear_probe's dict, the chosen "weight_decay" and each strength's "validation_top1"."""
+    val = carve_validation(train_y)
+    scores = {wd: linear_probe(train_f[~val], train_y[~val], train_f[val], train_y[val], num_classes, iters, wd,
+                               device)["test_top1"] for wd in grid}
+    best = max(grid, key=lambda wd: (scores[wd], wd))
+    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes, iters, best, device)
+    return {**probe, "weight_decay": best, "iters": iters, "num_validation": int(val.sum()),
+            "validation_top1": {f"{wd:g}": top1 for wd, top1 in scores.items()}}
+
+
+def carve_validation(labels, fraction=0.2, seed=0):
+    """A validation split carved from a training split with labels (N,) -> bool mask (N,). Stratified: each class gives
+    floor(fraction x its count) samples, at least 1 if it has 2 or more, drawn by a seeded permutation, so every class
+    keeps at least one training sample. Empty only if no class has 2 samples."""
+    n = len(labels)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = perm[labels[perm].argsort(stable=True)]  # class by class, each in random order
+    counts = torch.bincount(labels)
+    grouped = labels[order]
+    rank = torch.arange(n) - (counts.cumsum(0) - counts)[grouped]  # place within its class
+    quota = torch.where(counts >= 2, (counts * fraction).long().clamp_min(1), 0)
+    val = torch.zeros(n, dtype=torch.bool)
+    val[order] = rank < quota[grouped]
+    return val
 
 
 def cluster_agreement(pred, true):
@@ -396,6 +450,10 @@ def build_parser():
     p.add_argument("--kmeans-seed", type=nonneg_int, default=0, help="k-means++ seed (default: 0)")
     p.add_argument("--labels", metavar="FILE", help="also report how well the pseudo labels in FILE (eval.py "
                    "--kmeans) agree with the true train labels: NMI and purity (default: none)")
+    p.add_argument("--transfer", metavar="SETS", help="instead, the paper's transfer evaluation on each of SETS under "
+                   "--data (comma-separated; table1 = cars,cifar10,cifar100,flowers102,pets,stl10, table4 = cifar10,"
+                   "cifar100,cars,food101): kNN and a linear probe with its l2 tuned on a validation split, to "
+                   "OUTPUT_DIR/transfer.json and transfer.md in the layouts of Tables 1 and 4 (default: off)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default: cuda if available, else cpu)")
     return p
@@ -409,12 +467,23 @@ def parse_args(argv=None):
         raise UserError(f"--device {args.device}: {one_line(e)}") from None
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+    if args.transfer is not None:
+        args.transfer = transfer_sets(args.transfer)
+        for flag, value in (("--dataset", args.dataset), ("--kmeans", args.kmeans), ("--labels", args.labels),
+                            ("--cache-features", args.cache_features)):
+            if value is not None:
+                raise UserError(f"{flag} does not apply to --transfer, which evaluates each of its sets; leave it out")
+    for name in args.transfer or [args.dataset]:  # a package the data sets need, before anything else runs
+        if simlap.missing_package(name):
+            raise UserError(simlap.missing_package(name))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     backbone, model, info = load_weights(args.checkpoint, args.backbone, args.arch)
+    if args.transfer:
+        return transfer(args, backbone, info)
     setting, splits, given = load_eval_data(args, backbone, info)  # user errors surface here, before any write
     backbone.to(args.device)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}  # to check below that nothing trained it
@@ -468,13 +537,24 @@ def load_eval_data(args, backbone, info):
 def classify(args, feats):
     """Weighted kNN at --k and at the paper's k = 10, and the linear probe, on the test split's features."""
     (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    probe = linear_probe(train_f, train_y, test_f, test_y, iters=args.probe_iters, weight_decay=args.probe_wd,
+                         device=args.device)
+    return {"knn": knn_accuracy(args, feats),
+            "linear_probe": {**probe, "iters": args.probe_iters, "weight_decay": args.probe_wd}}
+
+
+def knn_accuracy(args, feats):
+    """Weighted kNN top-1 % on the test split's features, at --k and at the paper's k = 10 -> {"k=K T=T": %}."""
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
     bank, bank_y, queries, knn = train_f.to(args.device), train_y.to(args.device), test_f.to(args.device), {}
     for k in sorted({args.k, PAPER_K}, key=lambda k: k != args.k):  # --k first
         pred = simlap.knn_classify(bank, bank_y, queries, k, args.temperature).cpu()
-        knn[f"k={k} T={args.temperature:g}"] = 100 * (pred == test_y).float().mean().item()
-    probe = linear_probe(train_f, train_y, test_f, test_y, iters=args.probe_iters, weight_decay=args.probe_wd,
-                         device=args.device)
-    return {"knn": knn, "linear_probe": {**probe, "iters": args.probe_iters, "weight_decay": args.probe_wd}}
+        knn[knn_key(k, args.temperature)] = 100 * (pred == test_y).float().mean().item()
+    return knn
+
+
+def knn_key(k, T):
+    return f"k={k} T={T:g}"
 
 
 def analyses(model, info, test_f, test_y, device, out_dir):
@@ -509,6 +589,167 @@ def print_table(res, prefix=""):
             print_table(value, f"{prefix}{key}/")
         elif not isinstance(value, list):
             print(f"  {prefix + key:<44}{f'{value:.4f}' if isinstance(value, float) else value}")
+
+
+# ----------------------------------------------------------------------------------------------- transfer
+# The paper's transfer tables (ResNet-50 pre-trained on ImageNet-1K), their data sets in their column order, and their
+# rows, quoted: Table 1, linear probe top-1 % and the average; Table 4 (appendix C), kNN (k = 10) top-1 %.
+TABLE1 = ("cars", "cifar10", "cifar100", "flowers102", "pets", "stl10")
+TABLE4 = ("cifar10", "cifar100", "cars", "food101")
+COLUMN = {"cars": "Cars", "cifar10": "CF10", "cifar100": "CF100", "flowers102": "FLW", "pets": "Pets", "stl10": "STL",
+          "food101": "Food"}  # the paper's column names
+PAPER_TABLE1 = {"SimCLR, 1000 ep": (92.7, 98.2, 85.5, 92.2, 90.8, 97.5, 92.8),
+                "SupCon, 600 ep": (93.0, 97.4, 85.0, 91.1, 92.1, 97.7, 92.7),
+                "SimLAP, 500 ep": (92.9, 98.0, 85.0, 91.9, 91.7, 97.0, 92.7),
+                "MoCo v3, 1000 ep": (93.2, 98.4, 86.1, 95.6, 93.0, 97.8, 94.0),
+                "GPaCo, 700 ep": (92.8, 98.3, 86.2, 94.1, 92.2, 97.9, 93.6),
+                "SimLAP-MoCo, 300 ep": (93.6, 98.3, 86.0, 95.7, 92.8, 97.9, 94.0)}
+PAPER_TABLE4 = {"SimCLR": (85.5, 61.5, 14.8, 51.2), "SupCon": (84.8, 60.2, 30.9, 53.5),
+                "SimLAP": (86.3, 64.6, 36.7, 54.3), "SupCon, pseudo labels": (79.5, 55.3, 17.0, 43.5),
+                "SimLAP, pseudo labels": (82.2, 57.7, 18.2, 46.6)}
+PAPER_SETS = {"table1": TABLE1, "table4": TABLE4}
+
+
+def transfer_sets(text):
+    """--transfer's comma-separated list -> data set names, in order, each once; table1 and table4 stand for the sets
+    of the paper's Table 1 and Table 4."""
+    names = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        for name in PAPER_SETS.get(part, (part,)):
+            if name not in simlap.DATASETS:
+                raise UserError(f"--transfer: unknown set {name!r}; choose from table1, table4, "
+                                f"{', '.join(simlap.DATASETS)}")
+            names += [name] if name not in names else []
+    if not names:
+        raise UserError("--transfer needs at least one set, e.g. --transfer table1")
+    return names
+
+
+def transfer_transform(size):
+    """Chen et al. 2020's transfer preprocessing (appendix B.8), for every set: the shorter side resized to `size`
+    (bicubic), a size x size center crop, ImageNet normalisation, no augmentation."""
+    return v2.Compose([v2.ToImage(), v2.Resize(size, v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(simlap.MEAN, simlap.STD)])
+
+
+def transfer(args, backbone, info):
+    """--transfer SETS: on each set's official train/test split, features extracted once, weighted kNN (k = 10 and
+    --k) and the tuned linear probe (tuned_probe) -> OUTPUT_DIR/transfer.json and transfer.md (one row per set, and
+    the layouts of the paper's Tables 1 and 4 with the paper's rows beside), also printed. A set whose files are
+    missing is reported as missing, with how to get it; the others still run."""
+    size, data, sets, missing = load_transfer_sets(args, backbone, info)
+    backbone.to(args.device)
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    rows = {}
+    for name in args.transfer:
+        if name in missing:
+            rows[name] = {"status": "missing", "how": missing[name]}
+            continue
+        rows[name] = evaluate_set(args, backbone, sets.pop(name))  # its features are freed after it
+    if any(not torch.equal(v, frozen[k]) for k, v in backbone.state_dict().items()):
+        raise RuntimeError("the backbone changed during evaluation")  # a bug, not a bad input
+    weights = args.checkpoint or args.backbone
+    res = {"weights": os.path.abspath(weights), "arch": info["arch"], "trained_on": info.get("dataset"),
+           "data": data, "image_size": size, "knn_temperature": args.temperature, "probe_grid": list(PROBE_GRID),
+           "sets": rows}
+    res["tables"] = paper_layouts(res)
+    text = transfer_markdown(res, args.k)
+    out_dir = args.output_dir or os.path.dirname(os.path.abspath(weights))
+    os.makedirs(out_dir, exist_ok=True)
+    simlap.save_atomic(res, os.path.join(out_dir, "transfer.json"), save=simlap.save_json)
+    simlap.save_atomic(text, os.path.join(out_dir, "transfer.md"), save=write_text)
+    print(text, end="")
+    print(f"wrote {os.path.join(out_dir, 'transfer.json')} and transfer.md")
+    return res
+
+
+def load_transfer_sets(args, backbone, info):
+    """-> (image size, --data, {set: its {"train", "test"} splits}, {set: why it is missing and how to get it}),
+    refusing, before anything is written, what cannot be evaluated."""
+    size = args.image_size or info.get("image_size") or (32 if info["small_images"] else 224)
+    if getattr(backbone, "image_size", size) != size:  # a ViT takes only the size its position embedding fits
+        raise UserError(f"--image-size {size}: this ViT was built for {backbone.image_size} px images")
+    data = args.data or info.get("data")
+    if not data and set(args.transfer) != {"synthetic"}:
+        raise UserError("--transfer needs --data ROOT, the folder that holds its data sets (README: the layout)")
+    per_class = args.synthetic_per_class or info.get("synthetic_per_class")
+    sets, missing = {}, {}
+    for name in args.transfer:
+        try:
+            sets[name] = {s: simlap.build_dataset(name, data, s, transfer_transform(size), args.download, per_class)
+                          for s in ("train", "test")}
+        except FileNotFoundError as e:  # reported in the table, the other sets still run
+            missing[name] = str(e)
+            continue
+        except ValueError as e:  # e.g. an ImageFolder whose val split has a class train/ lacks
+            raise UserError(str(e)) from None
+        labels = simlap.targets_of(sets[name]["train"])
+        if max(args.k, PAPER_K) > len(labels):
+            raise UserError(f"{name}: k={max(args.k, PAPER_K)} is larger than the kNN bank ({len(labels)} train "
+                            "samples)")
+        if not (torch.bincount(labels) >= 2).any():
+            raise UserError(f"{name}: no class has 2 training images, so no validation split for the probe's l2")
+    if not sets:
+        raise UserError(f"none of {', '.join(args.transfer)} was found under --data {data!r}: "
+                        f"{next(iter(missing.values()))}")
+    return size, data, sets, missing
+
+
+def evaluate_set(args, backbone, splits):
+    """One set of --transfer: features of both splits, extracted once, -> its row: sizes, kNN and tuned probe."""
+    num_classes = simlap.num_classes_of(splits["train"])
+    feats = all_features(backbone, splits, args, args.device, None)  # (--transfer refuses --cache-features)
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    probe = tuned_probe(train_f, train_y, test_f, test_y, num_classes, args.probe_iters, args.device)
+    return {"status": "ok", "num_train": len(train_y), "num_test": len(test_y), "num_classes": num_classes,
+            "knn": knn_accuracy(args, feats), "linear_probe": probe}
+
+
+def paper_layouts(res):
+    """This backbone's cells in the layouts of the paper's Table 1 (probe, with the average over its six sets) and
+    Table 4 (kNN, k = 10): {"table1": {column: % or "missing" or None (not asked)}, "table4": ...}; a table none of
+    whose sets was asked is left out. The average needs all six sets (else None)."""
+    rows, knn10 = res["sets"], knn_key(PAPER_K, res["knn_temperature"])
+    cell = lambda name, pick: (None if name not in rows else "missing" if rows[name]["status"] != "ok"  # noqa: E731
+                               else pick(rows[name]))
+    out = {}
+    for table, names, pick in (("table1", TABLE1, lambda r: r["linear_probe"]["test_top1"]),
+                               ("table4", TABLE4, lambda r: r["knn"][knn10])):
+        if set(names) & set(rows):
+            out[table] = {COLUMN[name]: cell(name, pick) for name in names}
+    if "table1" in out:
+        values = list(out["table1"].values())
+        out["table1"]["AVG"] = sum(values) / 6 if all(isinstance(v, float) for v in values) else None
+    return out
+
+
+def transfer_markdown(res, k):
+    """transfer.md: one row per set, then the paper's Table 1 and Table 4 layouts with this backbone's row above the
+    paper's rows, then one line per missing set saying how to get it."""
+    show = lambda v: "—" if v is None else v if isinstance(v, str) else f"{v:.1f}"  # noqa: E731
+    T = res["knn_temperature"]
+    lines = [f"| set | train | test | classes | kNN k={PAPER_K} | kNN k={k} | linear probe | probe l2 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["sets"].items():
+        probe = r.get("linear_probe", {})
+        cells = ["missing", "", "", "", "", "", ""] if r["status"] != "ok" else [
+            r["num_train"], r["num_test"], r["num_classes"], show(r["knn"][knn_key(PAPER_K, T)]),
+            show(r["knn"][knn_key(k, T)]), show(probe["test_top1"]), f"{probe['weight_decay']:g}"]
+        lines.append("| " + " | ".join([name, *map(str, cells)]) + " |")
+    for table, title, paper in (("table1", "Table 1: linear probe top-1 %", PAPER_TABLE1),
+                                ("table4", f"Table 4: kNN (k = {PAPER_K}) top-1 %", PAPER_TABLE4)):
+        if table in res["tables"]:
+            ours = res["tables"][table]
+            lines += ["", f"| {title} | " + " | ".join(ours) + " |", "|---" * (len(ours) + 1) + "|",
+                      "| this backbone | " + " | ".join(map(show, ours.values())) + " |"]
+            lines += [f"| paper: {who} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for who, row in paper.items()]
+    missing = [r["how"] for r in res["sets"].values() if r["status"] != "ok"]  # each names its set
+    return "\n".join(lines + ([""] + missing if missing else [])) + "\n"
+
+
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def cli(argv=None):

@@ -818,46 +818,55 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 
-DATASETS = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars")
+DATASETS = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars",
+            "food101")
 FIXED_SIZE = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10")  # same-size images: cropped on device
+# Packages that torchvision needs for a data set and requirements.txt leaves out: it reads the .mat label files of
+# Flowers-102 and Stanford Cars with scipy. Checked before anything else runs (missing_package).
+NEEDS = {"flowers102": "scipy", "cars": "scipy"}
+GET_IT = {"cars": "torchvision cannot download Stanford Cars any more: put devkit/, cars_train/, cars_test/ and "
+                  "cars_test_annos_withlabels.mat under DATA/stanford_cars/"}  # the others: --download
 
 
 def build_dataset(name, root, split, transform=None, download=False, synthetic_per_class=None, classes=None):
-    """torchvision data set for split 'train' or 'test'. imagefolder reads root/train/<class>/* and
-    root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming the path.
+    """torchvision data set for split 'train' or 'test' (README: each set's splits and sizes). imagefolder reads
+    root/train/<class>/* and root/val/<class>/* (the ImageNet layout). Missing files raise FileNotFoundError naming
+    the path and how to get them; a package the set needs that is not installed, ValueError. Images stored as files
+    are read by read_image, which names a file it cannot decode.
     synthetic_per_class: train images per class of the synthetic set (default 500; the test split gets
     SyntheticShapes.test_per_class of it); classes: keep only these class ids, relabelled 0..len-1 in this order
     (None: all). The synthetic set renders only those classes; the others are a ClassSubset of the whole split."""
     train = split == "train"
     tv = torchvision.datasets
+    if missing_package(name):
+        raise ValueError(missing_package(name))
     if name == "synthetic":
         check_class_ids(classes, SyntheticShapes.NUM_CLASSES)
         per_class = synthetic_per_class or SyntheticShapes.TRAIN_PER_CLASS
         per_class = per_class if train else SyntheticShapes.test_per_class(per_class)
         return SyntheticShapes(split, per_class=per_class, classes=classes, transform=transform)
     if name == "imagefolder":
-        path = os.path.join(root or "", "train" if train else "val")
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"no ImageFolder split at {path}: --data must hold train/<class>/ and val/<class>/")
-        ds = tv.ImageFolder(path, transform=transform)
+        ds = image_folder(root, train, transform)
         return ds if classes is None else ClassSubset(ds, classes)
     makers = {"fashionmnist": lambda: FashionMNIST(root, train=train, transform=transform, download=download),
               "cifar10": lambda: tv.CIFAR10(root, train=train, transform=transform, download=download),
               "cifar100": lambda: tv.CIFAR100(root, train=train, transform=transform, download=download),
               "stl10": lambda: tv.STL10(root, "train" if train else "test", transform=transform, download=download),
-              "flowers102": lambda: tv.Flowers102(root, "train" if train else "test", transform=transform,
-                                                  download=download),
-              "pets": lambda: tv.OxfordIIITPet(root, "trainval" if train else "test", transform=transform,
-                                               download=download),
+              "flowers102": lambda: (flowers_train_val(root, transform, download) if train else
+                                     tv.Flowers102(root, "test", transform, download=download, loader=read_image)),
+              "pets": lambda: OxfordPets(root, "trainval" if train else "test", transform=transform,
+                                         download=download),
               "cars": lambda: tv.StanfordCars(root, "train" if train else "test", transform=transform,
-                                              download=download)}
+                                              download=download, loader=read_image),
+              "food101": lambda: tv.Food101(root, "train" if train else "test", transform=transform,
+                                            download=download, loader=read_image)}
     if name not in makers:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     try:
         ds = makers[name]()
-    except (RuntimeError, FileNotFoundError) as e:  # torchvision raises these for missing/corrupt files
+    except (RuntimeError, OSError) as e:  # torchvision raises these for missing/corrupt files (OSError: downloads)
         hint = (FashionMNIST.HINT if name == "fashionmnist" and not download else
-                f"({one_line(e, 300)})" + ("" if download else "; pass --download to fetch it"))
+                f"({one_line(e, 200)})" + ("" if download else "; " + GET_IT.get(name, "pass --download to fetch it")))
         raise FileNotFoundError(f"{name} not found under --data {root!r}: {hint}") from None
     return ds if classes is None else ClassSubset(ds, classes)
 
@@ -885,6 +894,71 @@ def class_distance(attributes):
     in; Fashion-MNIST: 1 within a natural group, 2 across groups."""
     share = (attributes[:, None, :] == attributes[None, :, :]).any(-1)  # (K, K)
     return (~torch.eye(len(attributes), dtype=torch.bool)).float() + (~share).float()
+
+
+def missing_package(name):
+    """'<name> needs <package>: pip install <package>' if data set `name` needs a package (NEEDS) that is not
+    installed, else None."""
+    if name in NEEDS:
+        try:
+            __import__(NEEDS[name])
+        except ImportError:
+            return f"{name} needs {NEEDS[name]}: pip install {NEEDS[name]}"
+    return None
+
+
+def image_folder(root, train, transform=None):
+    """root/train or root/val as an ImageFolder. val's classes take train's indices by folder name: torchvision
+    numbers each split's own folders, so with train/{a,b,c} and val/{a,c} it would label val's c as train's b and
+    every accuracy on it would be silently wrong. A val class that train/ lacks is refused (ValueError, naming it);
+    a val split with fewer classes is fine."""
+    path = os.path.join(root or "", "train" if train else "val")
+    for split in (path, os.path.join(root or "", "train")):
+        if not os.path.isdir(split):
+            raise FileNotFoundError(f"no ImageFolder split at {split}: --data must hold train/<class>/ and "
+                                    "val/<class>/")
+    ds = torchvision.datasets.ImageFolder(path, transform=transform, loader=read_image)
+    if train:
+        return ds
+    classes, index = torchvision.datasets.folder.find_classes(os.path.join(root or "", "train"))
+    unknown = [c for c in ds.classes if c not in index]
+    if unknown:
+        raise ValueError(f"the val split under --data {root} has class folder(s) {', '.join(unknown[:5])} that "
+                         "train/ lacks; every val/<class>/ needs a train/<class>/ of the same name")
+    ds.samples = ds.imgs = [(file, index[ds.classes[label]]) for file, label in ds.samples]
+    ds.targets = [label for _, label in ds.samples]
+    ds.classes, ds.class_to_idx = classes, index
+    return ds
+
+
+def flowers_train_val(root, transform=None, download=False):
+    """Flowers-102's train and val splits as one training set of 2040 images, as the paper counts it (appendix D)
+    and as Chen et al. 2020 fit their final probe; test is the 6149 images of its test split."""
+    ds = torchvision.datasets.Flowers102(root, "train", transform, download=download, loader=read_image)
+    val = torchvision.datasets.Flowers102(root, "val", loader=read_image)
+    ds._labels, ds._image_files = ds._labels + val._labels, ds._image_files + val._image_files
+    return ds
+
+
+class OxfordPets(torchvision.datasets.OxfordIIITPet):
+    """torchvision's Oxford-IIIT Pet (the 37 breeds), its images read by read_image: torchvision's class opens them
+    itself and takes no loader."""
+
+    def __getitem__(self, i):
+        image = read_image(self._images[i])
+        return (self.transform(image) if self.transform else image), self._labels[i]
+
+
+def read_image(path):
+    """The RGB image in the file at `path`, as torchvision's default loader reads it (PIL). A file that cannot be
+    decoded (truncated, not an image, gone) raises UnreadableImage naming it: never skipped, never a traceback."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        why = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else one_line(e, 120)
+        raise UnreadableImage(f"cannot read image {path} ({why}); replace or remove the file") from None
 
 
 def num_classes_of(ds):
@@ -1056,6 +1130,15 @@ class UserError(Exception):
     exit_code, prefix = 2, "error: "
 
 
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded (read_image). Raised in a DataLoader worker, it reaches the main process
+    rebuilt by torch from the worker's whole traceback text, whose last line is this message: only that is kept."""
+
+    def __init__(self, text):
+        last = str(text).strip().splitlines()[-1]
+        super().__init__(last.partition(f"{type(self).__name__}: ")[2] or last)
+
+
 def one_line(e, limit=None):
     text = " ".join(str(e).split()) or type(e).__name__
     return text if limit is None or len(text) <= limit else text[:limit] + " ..."
@@ -1072,6 +1155,10 @@ def cli(main, prog, argv=None, cleanup=None):
     try:
         main(argv)
     except UserError as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short: cleared, not left on the line
+            bar.leave = False
+            bar.close()
         print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
         if cleanup:
             cleanup()

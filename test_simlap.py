@@ -1221,6 +1221,352 @@ def test_eval_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys):
     assert proc.returncode == 2 and err.startswith("eval.py: error: ") and err.count("\n") == 1, err
 
 
+# ----------------------------------------------------------------------------------------------- data sets on disk
+# Tiny fake copies of torchvision's data sets in their real on-disk formats (file names, pickles, binaries, split and
+# label files), written here since none can be downloaded in the tests. Every image of class c has the colour
+# PALETTE[c], so a label read wrongly, or read for another image, shows.
+PALETTE = torch.tensor([[230, 30, 30], [30, 200, 40], [40, 60, 230], [240, 220, 30]], dtype=torch.uint8)
+FAKE_LABELS = {"train": [i % 4 for i in range(20)], "test": [i % 4 for i in range(8)]}  # 5 and 2 per class
+
+
+def swatch(label, h=8, w=12):
+    return PALETTE[label].view(3, 1, 1).expand(3, h, w).contiguous()
+
+
+def colour_class(image):
+    """The class whose palette colour is nearest the mean colour of a PIL image."""
+    x = torchvision.transforms.v2.functional.pil_to_tensor(image).float().mean((1, 2))
+    return int((PALETTE.float() - x).norm(dim=1).argmin())
+
+
+def md5(path):
+    import hashlib
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def trust(monkeypatch, cls, folder, attrs):
+    """Point the checksums a torchvision class verifies at the fake files (the real check_integrity still runs)."""
+    for attr in attrs:
+        value = getattr(cls, attr)
+        if isinstance(value, list):  # [[file, md5], ...]
+            monkeypatch.setattr(cls, attr, [[f, md5(folder / f)] for f, _ in value])
+        elif "filename" in value:  # CIFAR's meta
+            monkeypatch.setattr(cls, attr, {**value, "md5": md5(folder / value["filename"])})
+        else:  # Flowers-102's {id: (file, md5)}
+            monkeypatch.setattr(cls, attr, {k: (f, md5(folder / f) if (folder / f).exists() else m)
+                                            for k, (f, m) in value.items()})
+
+
+def write_jpegs(folder, names, labels, h=8, w=12):
+    os.makedirs(folder, exist_ok=True)
+    for name, label in zip(names, labels):
+        torchvision.io.write_jpeg(swatch(label, h, w), str(folder / name))
+
+
+def fake_cifar(root, monkeypatch, name):
+    import pickle
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder, key = root / cls.base_folder, "labels" if name == "cifar10" else "fine_labels"
+    os.makedirs(folder)
+    chunks = {"train": [FAKE_LABELS["train"][i::len(cls.train_list)] for i in range(len(cls.train_list))],
+              "test": [FAKE_LABELS["test"]]}
+    for split, files in (("train", cls.train_list), ("test", cls.test_list)):
+        for (file, _), labels in zip(files, chunks[split]):
+            data = torch.stack([swatch(y, 32, 32) for y in labels]).flatten(1).numpy()  # (N, 3072): R, G, B planes
+            pickle.dump({"data": data, key: labels}, open(folder / file, "wb"))
+    classes = [f"class {i}" for i in range(10 if name == "cifar10" else 100)]
+    pickle.dump({cls.meta["key"]: classes}, open(folder / cls.meta["filename"], "wb"))
+    trust(monkeypatch, cls, folder, ("train_list", "test_list", "meta"))
+    return len(classes)
+
+
+def fake_stl10(root, monkeypatch):
+    folder = root / "stl10_binary"
+    os.makedirs(folder)
+    binary = lambda labels: torch.stack([swatch(y, 96, 96).transpose(1, 2) for y in labels]).numpy().tobytes()  # noqa: E731
+    for split in ("train", "test"):  # images stored column-major, labels 1-based
+        (folder / f"{split}_X.bin").write_bytes(binary(FAKE_LABELS[split]))
+        (folder / f"{split}_y.bin").write_bytes(bytes(y + 1 for y in FAKE_LABELS[split]))
+    (folder / "unlabeled_X.bin").write_bytes(binary([0]))
+    (folder / "class_names.txt").write_text("\n".join(f"class {i}" for i in range(10)))
+    trust(monkeypatch, torchvision.datasets.STL10, folder, ("train_list", "test_list"))
+    return 10
+
+
+def fake_flowers102(root, monkeypatch):
+    import numpy as np
+    import scipy.io
+    folder = root / "flowers-102"
+    labels = FAKE_LABELS["train"] + FAKE_LABELS["test"]  # image ids 1..28; train 1..12, val 13..20, test 21..28
+    write_jpegs(folder / "jpg", [f"image_{i:05d}.jpg" for i in range(1, 29)], labels)
+    scipy.io.savemat(folder / "imagelabels.mat", {"labels": np.array(labels) + 1})
+    scipy.io.savemat(folder / "setid.mat", {"trnid": np.arange(1, 13), "valid": np.arange(13, 21),
+                                            "tstid": np.arange(21, 29)})
+    trust(monkeypatch, torchvision.datasets.Flowers102, folder, ("_file_dict",))
+    return 102
+
+
+def fake_pets(root, monkeypatch):
+    breeds = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound"]  # class ids 1..4
+    folder = root / "oxford-iiit-pet"
+    os.makedirs(folder / "annotations")
+    for split, file in (("train", "trainval.txt"), ("test", "test.txt")):
+        ids = [f"{breeds[y]}_{split}{i}" for i, y in enumerate(FAKE_LABELS[split])]
+        write_jpegs(folder / "images", [f"{i}.jpg" for i in ids], FAKE_LABELS[split])
+        lines = [f"{i} {y + 1} {1 if breeds[y][0].isupper() else 2} 1" for i, y in zip(ids, FAKE_LABELS[split])]
+        (folder / "annotations" / file).write_text("\n".join(lines) + "\n")
+    return 4
+
+
+def fake_cars(root, monkeypatch):
+    import numpy as np
+    import scipy.io
+    folder = root / "stanford_cars"
+    os.makedirs(folder / "devkit")
+    for split, annotations in (("train", folder / "devkit" / "cars_train_annos.mat"),
+                               ("test", folder / "cars_test_annos_withlabels.mat")):
+        names = [f"{i:05d}.jpg" for i in range(1, len(FAKE_LABELS[split]) + 1)]
+        write_jpegs(folder / f"cars_{split}", names, FAKE_LABELS[split])
+        records = np.array([(n, y + 1) for n, y in zip(names, FAKE_LABELS[split])],
+                           dtype=[("fname", object), ("class", object)])
+        scipy.io.savemat(annotations, {"annotations": records})
+    scipy.io.savemat(folder / "devkit" / "cars_meta.mat",
+                     {"class_names": np.array([f"car {i}" for i in range(196)], dtype=object)})
+    return 196
+
+
+def fake_food101(root, monkeypatch):
+    classes = ["apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio"]
+    folder = root / "food-101"
+    os.makedirs(folder / "meta")
+    for split in ("train", "test"):
+        meta = {c: [] for c in classes}
+        for i, y in enumerate(FAKE_LABELS[split]):
+            meta[classes[y]].append(f"{classes[y]}/{split}{i}")
+            write_jpegs(folder / "images" / classes[y], [f"{split}{i}.jpg"], [y])
+        (folder / "meta" / f"{split}.json").write_text(json.dumps(meta))
+    return 4
+
+
+FAKES = {"cifar10": lambda root, mp: fake_cifar(root, mp, "cifar10"),
+         "cifar100": lambda root, mp: fake_cifar(root, mp, "cifar100"), "stl10": fake_stl10,
+         "flowers102": fake_flowers102, "pets": fake_pets, "cars": fake_cars, "food101": fake_food101}
+NEEDS_SCIPY = [name for name in FAKES if name in simlap.NEEDS]
+
+
+def have_scipy():
+    import importlib.util
+    return importlib.util.find_spec("scipy") is not None
+
+
+@pytest.mark.parametrize("name", list(FAKES))
+def test_every_data_set_reads_its_on_disk_format(name, tmp_path, monkeypatch):
+    """Sizes, classes and every label (against its image's colour), as build_dataset, train.py and eval.py read
+    them. Flowers-102's training split is its train and val splits together (the paper's 2040 images)."""
+    if name in NEEDS_SCIPY:
+        pytest.importorskip("scipy")
+    num_classes = FAKES[name](tmp_path, monkeypatch)
+    for split, labels in FAKE_LABELS.items():
+        ds = simlap.build_dataset(name, str(tmp_path), split)
+        targets = simlap.targets_of(ds)
+        assert len(ds) == len(labels) and simlap.num_classes_of(ds) == num_classes, (split, len(ds))
+        assert torch.equal(torch.bincount(targets, minlength=4), torch.bincount(torch.tensor(labels), minlength=4))
+        assert [colour_class(ds[i][0]) for i in range(len(ds))] == targets.tolist() == [y for _, y in ds]
+    run = train.load_data(train.parse_args(["--dataset", name, "--data", str(tmp_path), "--batch-size", "4"]))
+    assert (len(run.train_raw), len(run.test_set), run.num_classes) == (20, 8, num_classes)
+    (tmp_path / "w.pt").write_bytes(b"")  # load_eval_data only stats the weights
+    args = ev.parse_args(["--backbone", str(tmp_path / "w.pt"), "--dataset", name, "--data", str(tmp_path),
+                          "--device", "cpu"])
+    _, splits, _ = ev.load_eval_data(args, torch.nn.Identity(), {"small_images": True, "image_size": 16})
+    assert (len(splits["train"]), len(splits["test"])) == (20, 8) and splits["test"][0][0].shape == (3, 16, 16)
+
+
+def test_transfer_over_every_data_set_prints_the_papers_tables(tmp_path, weights, monkeypatch, capsys):
+    """eval.py --transfer table1,table4 on the fake copies of all seven sets (the five without scipy, which the CI's
+    requirements leave out): one row per set, and this backbone's row in Table 1's and Table 4's layouts. Every image
+    of a class is the same here, so the kNN must be perfect; the probe equals tuned_probe on the same features."""
+    names = [n for n in FAKES if have_scipy() or n not in NEEDS_SCIPY]
+    for name in names:
+        FAKES[name](tmp_path / "data", monkeypatch)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--probe-iters", "5", "--data",
+            str(tmp_path / "data"), "--output-dir", str(out), "--transfer"]
+    res = ev.main([*argv, "table1,table4" if have_scipy() else ",".join(names)])
+    printed = capsys.readouterr().out
+    assert list(res["sets"]) == (list(ev.TABLE1) + ["food101"] if have_scipy() else names)
+    for name, row in res["sets"].items():
+        assert (row["status"], row["num_train"], row["num_test"]) == ("ok", 20, 8), name
+        assert row["knn"] == {"k=20 T=0.07": 100.0, "k=10 T=0.07": 100.0}, name
+    assert json.loads((out / "transfer.json").read_text())["sets"] == json.loads(json.dumps(res["sets"]))
+    markdown = (out / "transfer.md").read_text()
+    assert markdown in printed
+    probe = {name: row["linear_probe"]["test_top1"] for name, row in res["sets"].items()}
+    table1 = res["tables"]["table1"]
+    assert list(table1) == ["Cars", "CF10", "CF100", "FLW", "Pets", "STL", "AVG"]
+    assert [table1[ev.COLUMN[n]] for n in ("cifar10", "cifar100", "pets", "stl10")] == [
+        probe[n] for n in ("cifar10", "cifar100", "pets", "stl10")]
+    assert table1["AVG"] == (pytest.approx(sum(probe[n] for n in ev.TABLE1) / 6) if have_scipy() else None)
+    assert res["tables"]["table4"]["Food"] == 100.0 and "| Table 1: linear probe top-1 % | Cars | CF10 |" in markdown
+    assert "| paper: SimLAP, 500 ep | 92.9 | 98.0 | 85.0 | 91.9 | 91.7 | 97.0 | 92.7 |" in markdown
+    assert "| paper: SimLAP | 86.3 | 64.6 | 36.7 | 54.3 |" in markdown
+    ours = "| this backbone | " + " | ".join("—" if v is None else f"{v:.1f}" for v in table1.values()) + " |"
+    assert ours in markdown
+    # the probe is tuned_probe on these features (the path eval.py takes: transfer transform, eval mode)
+    backbone, _, _ = ev.load_weights(str(weights / "checkpoint.pt"))
+    splits = {s: simlap.build_dataset("pets", str(tmp_path / "data"), s, ev.transfer_transform(16))
+              for s in ("train", "test")}
+    feats = ev.all_features(backbone, splits, ev.parse_args(argv + ["pets"]), torch.device("cpu"), None)
+    again = ev.tuned_probe(*feats["train"], *feats["test"], 4, 5)
+    assert again["test_top1"] == probe["pets"] and again["weight_decay"] == res["sets"]["pets"]["linear_probe"][
+        "weight_decay"]
+    # a set whose files are missing is reported, with how to get it, and the others still run
+    os.rename(tmp_path / "data" / "food-101", tmp_path / "food")
+    res = ev.main([*argv, "food101,pets"])
+    printed = capsys.readouterr().out
+    assert res["sets"]["food101"]["status"] == "missing" and res["sets"]["pets"]["status"] == "ok"
+    assert "| food101 | missing |" in printed and "\nfood101 not found under --data" in printed
+    assert "pass --download to fetch it" in printed and res["tables"]["table1"]["AVG"] is None
+    assert res["tables"]["table4"] == {"CF10": None, "CF100": None, "Cars": None, "Food": "missing"}
+
+
+def test_transfer_refuses_what_it_cannot_run_before_writing(tmp_path, weights, capsys):
+    cases = {"unknown set": (["--transfer", "table1,mnist"], "--transfer: unknown set 'mnist'"),
+             "no set": (["--transfer", ","], "--transfer needs at least one set"),
+             "with --dataset": (["--transfer", "cifar10", "--dataset", "cifar10"], "--dataset does not apply"),
+             "with --kmeans": (["--transfer", "cifar10", "--kmeans", "4"], "--kmeans does not apply"),
+             "no data": (["--transfer", "cifar10,synthetic"], "--transfer needs --data ROOT"),
+             "nothing there": (["--transfer", "cifar10,pets", "--data", str(tmp_path)], "none of cifar10, pets was "
+                               "found under --data")}
+    before = snapshot(tmp_path), snapshot(weights)
+    for name, (argv, expected) in cases.items():
+        with pytest.raises(SystemExit) as exit:
+            ev.cli(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, *argv])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and expected in err, (name, err)
+    assert (snapshot(tmp_path), snapshot(weights)) == before
+    assert ev.transfer_sets("table4, pets,cifar10,table1") == ["cifar10", "cifar100", "cars", "food101", "pets",
+                                                              "flowers102", "stl10"]
+
+
+def test_a_missing_optional_package_is_named_in_one_line(tmp_path, weights, monkeypatch, capsys):
+    """Flowers-102 and Cars need scipy, which requirements.txt does not install: one line, exit 2, before anything
+    runs (here scipy is hidden, whether it is installed or not)."""
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path), snapshot(weights)
+    for cli, argv, line in ((ev.cli, ["--dataset", "flowers102"], "eval.py: error: flowers102 needs scipy: pip "
+                             "install scipy\n"),
+                            (ev.cli, ["--transfer", "pets,table1"], "eval.py: error: cars needs scipy: pip install "
+                             "scipy\n"),
+                            (train.cli, ["--dataset", "cars"], "train.py: error: cars needs scipy: pip install "
+                             "scipy\n")):
+        weights_flags = ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY] if cli is ev.cli else []
+        with pytest.raises(SystemExit) as exit:
+            cli([*weights_flags, *argv, "--data", str(tmp_path)])
+        assert exit.value.code == 2 and capsys.readouterr().err == line
+    with pytest.raises(ValueError, match="^flowers102 needs scipy: pip install scipy$"):
+        simlap.build_dataset("flowers102", str(tmp_path), "train")
+    assert (snapshot(tmp_path), snapshot(weights)) == before
+
+
+def image_folder(root, classes, per_class=4, h=8, w=12):
+    """root/<class>/<i>.png, class `name` coloured by its index in PALETTE's order a, b, c, d."""
+    for name in classes:
+        write_pngs = [swatch("abcd".index(name), h, w) for _ in range(per_class)]
+        os.makedirs(root / name)
+        for i, img in enumerate(write_pngs):
+            torchvision.io.write_png(img, str(root / name / f"{i}.png"))
+
+
+def test_imagefolder_val_classes_take_train_indices_by_name(tmp_path, weights, capsys):
+    """train/{a,b,c} and val/{a,c}: torchvision alone numbers val's c as 1, train's b, and kNN and probe report 50 %
+    on data they classify perfectly; mapped by name, val's c is 2 and both report 100 %."""
+    image_folder(tmp_path / "train", "abc")
+    image_folder(tmp_path / "val", "ac")
+    assert torchvision.datasets.ImageFolder(str(tmp_path / "val")).targets == [0] * 4 + [1] * 4  # the trap
+    val = simlap.build_dataset("imagefolder", str(tmp_path), "test")
+    assert val.targets == [0] * 4 + [2] * 4 == [label for _, label in val] and val.classes == ["a", "b", "c"]
+    flags = ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--data", str(tmp_path), "--k", "5",
+             "--output-dir", str(tmp_path / "out")]
+    res = ev.main([*flags, "--dataset", "imagefolder"])
+    assert res["knn"] == {"k=5 T=0.07": 100.0, "k=10 T=0.07": 100.0} and res["linear_probe"]["test_top1"] == 100.0
+    assert ev.main([*flags, "--transfer", "imagefolder"])["sets"]["imagefolder"]["knn"]["k=10 T=0.07"] == 100.0
+    run = train.load_data(train.parse_args(["--dataset", "imagefolder", "--data", str(tmp_path), "--batch-size", "4",
+                                            "--knn-every", "0"]))
+    assert run.test_set.targets == val.targets and run.num_classes == 3
+    # a val class that train/ lacks is refused, naming it: eval.py, --transfer, train.py (its kNN monitor's split)
+    image_folder(tmp_path / "val", "d", per_class=1)
+    capsys.readouterr()
+    for cli, argv in ((ev.cli, [*flags, "--dataset", "imagefolder"]), (ev.cli, [*flags, "--transfer", "imagefolder"]),
+                      (train.cli, ["--dataset", "imagefolder", "--data", str(tmp_path), "--output-dir",
+                                   str(tmp_path / "run")])):
+        with pytest.raises(SystemExit) as exit:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and "class folder(s) d that train/ lacks" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tuned_probe_picks_the_l2_on_a_carved_validation_split():
+    """carve_validation: stratified, at least one per class of 2 or more, every class left in training, seeded.
+    tuned_probe equals picking by hand with linear_probe over the grid, then refitting on the whole split."""
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 1 + [3] * 25)[torch.randperm(39, generator=torch.Generator()
+                                                                                 .manual_seed(0))]
+    val = ev.carve_validation(labels)
+    assert torch.bincount(labels[val], minlength=4).tolist() == [2, 1, 0, 5]
+    assert torch.equal(val, ev.carve_validation(labels)) and not torch.equal(val, ev.carve_validation(labels, seed=1))
+    g = torch.Generator().manual_seed(0)
+    y, y_test = torch.randint(3, (60,), generator=g), torch.randint(3, (30,), generator=g)
+    centres = torch.randn(3, 8, generator=g)
+    x, x_test = (centres[t] + 1.5 * torch.randn(len(t), 8, generator=g) for t in (y, y_test))
+    val = ev.carve_validation(y)
+    for grid, expected in (((1e-4, 1e-2, 10.0), 1e-2), ((1e-2, 0.3, 100.0), 0.3)):  # a tie at the top; a clear best
+        res = ev.tuned_probe(x, y, x_test, y_test, iters=20, grid=grid)
+        scores = [ev.linear_probe(x[~val], y[~val], x[val], y[val], iters=20, weight_decay=wd)["test_top1"]
+                  for wd in grid]
+        assert res["weight_decay"] == expected == max(zip(scores, grid))[1]  # ties: the strongest
+        assert list(res["validation_top1"].values()) == scores and res["num_validation"] == int(val.sum()) == 11
+        assert res["test_top1"] == ev.linear_probe(x, y, x_test, y_test, iters=20, weight_decay=expected)["test_top1"]
+
+
+def test_an_unreadable_image_stops_with_one_line_naming_it(tmp_path, weights, capsys):
+    """Truncated images met by train.py's loader (in worker processes), a stray file that is no image met by its kNN
+    monitor and by eval.py (in the main process and in workers): one line naming the file, exit 2, never skipped, and
+    train.py's last checkpoint untouched."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    image_folder(data / "train", "ab", per_class=10)  # the kNN monitor needs 20
+    image_folder(data / "val", "ab", per_class=2)
+    flags = ["--dataset", "imagefolder", "--data", str(data), "--arch", "convnet", "--image-size", "8", "--batch-size",
+             "10", "--epochs", "1", "--proj-hidden", "32", "--proj-dim", "16", "--output-dir", str(run)]
+    train.main([*flags, "--knn-every", "0", "--workers", "0", "--stop-after", "1"])
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+
+    def refused(cli, argv, expected):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            cli(argv)
+        err = capsys.readouterr().err  # after the progress bars (cleared), one line
+        assert exit.value.code == 2 and "Traceback" not in err and err.count("error") == 1, err
+        assert err.replace("\r", "\n").rstrip("\n").split("\n")[-1].startswith(expected.rstrip("\n")), (expected, err)
+
+    intact = {f: f.read_bytes() for f in (data / "train" / "b").iterdir()}
+    for f, png in intact.items():  # every b truncated: the step left to train certainly meets one
+        f.write_bytes(png[: len(png) // 2])
+    refused(train.cli, [*flags, "--knn-every", "0", "--workers", "2"],
+            f"train.py: error: cannot read image {data / 'train' / 'b'}{os.sep}")
+    for f, png in intact.items():
+        f.write_bytes(png)
+    stray = data / "val" / "a" / "notes.jpg"
+    stray.write_text("not an image")
+    line = f"error: cannot read image {stray} (not an image PIL can identify); replace or remove the file\n"
+    refused(train.cli, [*flags, "--knn-every", "1", "--workers", "0"], f"train.py: {line}")  # the monitor, at step 2
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    for how in (["--dataset", "imagefolder", "--workers", "0"], ["--transfer", "imagefolder", "--workers", "2"]):
+        refused(ev.cli, ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--data", str(data), "--k", "5",
+                         *how], f"eval.py: {line}")
+    assert not {"eval.json", "transfer.json"} & set(os.listdir(weights))
+
+
 # ----------------------------------------------------------------------------------------------- hardening
 def test_ranged_flag_types():
     fraction = simlap.ranged(float, 0, 1, high_open=True)

@@ -111,6 +111,8 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    if simlap.missing_package(args.dataset):  # before anything else runs
+        raise UserError(simlap.missing_package(args.dataset))
     args.demo_departures = apply_defaults(args)
     args.small_images = args.image_size <= 96
     for flag, value, methods in (("--pairs", args.pairs, PAIR_METHODS), ("--beta", args.beta, WEIGHTED),
