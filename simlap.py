@@ -427,12 +427,14 @@ def build_backbone(arch, small_images=False, image_size=None):
         net.fc = nn.Identity()
         return net, dim
     if arch in ("vit_tiny", "vit_small", "vit_base"):
-        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
+        # The authors' ViTs (erow/hydra vits.py, after MoCo v3): ViT-S has 12 heads of 32, not DeiT-S's 6 of 64
+        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 12), "vit_base": (768, 12)}[arch]
         size = image_size or (32 if small_images else 224)
         net = torchvision.models.VisionTransformer(image_size=size, patch_size=vit_patch(small_images),
                                                    num_layers=12, num_heads=heads, hidden_dim=width,
                                                    mlp_dim=4 * width)
         net.heads = nn.Identity()  # forward() then returns the class-token feature
+        net.conv_proj.requires_grad_(False)  # MoCo v3's frozen random patch embedding: stabilises contrastive ViTs
         return net, width
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 

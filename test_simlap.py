@@ -505,6 +505,11 @@ def test_backbones_and_projector_shapes():
     assert net.conv1.kernel_size == (7, 7)
     vit, d = simlap.build_backbone("vit_tiny", small_images=True)
     assert d == 192 and vit.patch_size == 4 and len(vit.encoder.layers) == 12
+    with torch.device("meta"):  # the authors' heads (erow/hydra vits.py); MoCo v3's frozen patch embedding
+        vits = {arch: simlap.build_backbone(arch)[0] for arch in ("vit_tiny", "vit_small", "vit_base")}
+    assert {a: v.encoder.layers[0].self_attention.num_heads for a, v in vits.items()} == dict(
+        vit_tiny=3, vit_small=12, vit_base=12)
+    assert not any(p.requires_grad for v in vits.values() for p in v.conv_proj.parameters())
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 192)
     cnn, d = simlap.build_backbone("convnet")
     assert d == 256 and sum(p.numel() for p in cnn.parameters()) == 388_896  # 3x3 convs 3-32-64-128-256, BN
