@@ -379,18 +379,23 @@ class SimLAP(nn.Module):
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as in SimCLR/MoCo v3. Parameters with ndim <= 1 (biases, BN/LN weights) get
-    neither weight decay nor the trust ratio: plain momentum SGD."""
+    neither weight decay nor the trust ratio: plain momentum SGD.
+    Under fp16, torch.amp.GradScaler hands it the loss scale and its inf/NaN flag as device tensors (grad_scale,
+    found_inf: _step_supports_amp_scaling), so that a step it skips costs no host sync: the step then leaves every
+    parameter and momentum buffer as it was."""
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
     def step(self):
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)  # set by GradScaler
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
+                g = p.grad if scale is None else p.grad / scale
                 if p.ndim > 1:
                     g = g.add(p, alpha=group["weight_decay"])
                     p_norm, g_norm = p.norm(), g.norm()
@@ -400,8 +405,13 @@ class LARS(torch.optim.Optimizer):
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+                if found_inf is None:
+                    buf.mul_(group["momentum"]).add_(g)
+                    p.add_(buf, alpha=-group["lr"])
+                else:  # where() and not a branch on found_inf, which would sync with the host
+                    ok = found_inf == 0
+                    buf.copy_(torch.where(ok, buf * group["momentum"] + g, buf))
+                    p.sub_(torch.where(ok, buf * group["lr"], 0))
 
 
 
@@ -428,12 +438,14 @@ def build_backbone(arch, small_images=False, image_size=None):
         net.fc = nn.Identity()
         return net, dim
     if arch in ("vit_tiny", "vit_small", "vit_base"):
-        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}[arch]
+        # The authors' ViTs (erow/hydra vits.py, after MoCo v3): ViT-S has 12 heads of 32, not DeiT-S's 6 of 64
+        width, heads = {"vit_tiny": (192, 3), "vit_small": (384, 12), "vit_base": (768, 12)}[arch]
         size = image_size or (32 if small_images else 224)
         net = torchvision.models.VisionTransformer(image_size=size, patch_size=vit_patch(small_images),
                                                    num_layers=12, num_heads=heads, hidden_dim=width,
                                                    mlp_dim=4 * width)
         net.heads = nn.Identity()  # forward() then returns the class-token feature
+        net.conv_proj.requires_grad_(False)  # MoCo v3's frozen random patch embedding: stabilises contrastive ViTs
         return net, width
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
@@ -469,6 +481,15 @@ def gather(x, with_grad=False):
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x)
     return torch.cat(out)
+
+
+def autocast_dtype(device):
+    """The mixed-precision dtype of a device: bfloat16 on a GPU that computes in it natively (compute capability
+    8.0 and up: A100, H100, RTX 30xx ...), float16 on older GPUs (V100, T4, RTX 20xx: torch would emulate bfloat16,
+    slowly), bfloat16 on the CPU (where train.py uses it only when asked: --precision)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
 
 
 def instance_ids(n, device):
@@ -1023,7 +1044,7 @@ def extract_features(backbone, loader, device, desc=None):
     backbone.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=desc is None or rank() != 0, leave=False):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, autocast_dtype(device), enabled=device.type == "cuda"):
             feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y))
     backbone.train(was_training)
@@ -1150,8 +1171,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def cli(main, prog, argv=None, cleanup=None):
-    """Run main(argv) as the command `prog`: a UserError becomes one line '<prog>: error: ...' on stderr and its
-    exit code; cleanup() runs first."""
+    """Run main(argv) as the command `prog`: a UserError becomes one line '<prog>: error: ...' on stderr (none if
+    its message is empty) and its exit code; cleanup() runs first."""
     try:
         main(argv)
     except UserError as e:
@@ -1159,7 +1180,8 @@ def cli(main, prog, argv=None, cleanup=None):
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short: cleared, not left on the line
             bar.leave = False
             bar.close()
-        print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
+        if str(e):  # empty: another process of the run (rank 0) says it
+            print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
         if cleanup:
             cleanup()
         sys.exit(e.exit_code)

@@ -2,6 +2,7 @@
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
 import argparse
 import copy
+import functools
 import gzip
 import importlib
 import json
@@ -507,6 +508,11 @@ def test_backbones_and_projector_shapes():
     assert net.conv1.kernel_size == (7, 7)
     vit, d = simlap.build_backbone("vit_tiny", small_images=True)
     assert d == 192 and vit.patch_size == 4 and len(vit.encoder.layers) == 12
+    with torch.device("meta"):  # the authors' heads (erow/hydra vits.py); MoCo v3's frozen patch embedding
+        vits = {arch: simlap.build_backbone(arch)[0] for arch in ("vit_tiny", "vit_small", "vit_base")}
+    assert {a: v.encoder.layers[0].self_attention.num_heads for a, v in vits.items()} == dict(
+        vit_tiny=3, vit_small=12, vit_base=12)
+    assert not any(p.requires_grad for v in vits.values() for p in v.conv_proj.parameters())
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 192)
     cnn, d = simlap.build_backbone("convnet")
     assert d == 256 and sum(p.numel() for p in cnn.parameters()) == 388_896  # 3x3 convs 3-32-64-128-256, BN
@@ -681,13 +687,15 @@ def _ddp_worker(r, world, port, out):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    """Every loss (keys gathered with gradient, anchors local) gives the single-process update on the global batch."""
-    import socket
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """Every loss (keys gathered with gradient, anchors local) gives the single-process update on the global batch."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     for method in DDP_METHODS:
         model = toy_model(method)
         loss = one_step(model, *ddp_data())
@@ -732,6 +740,227 @@ def test_resume_is_exact_and_outputs_load(tmp_path, method):
     assert args["lr"] == pytest.approx(5e-4 * 32 / 256) and args["per_gpu_batch"] == 32  # AdamW, Table 5a
     epochs = [r["epoch"] for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "img_per_s" in r]
     assert epochs[-1] == 2
+
+
+
+def same_run(a, b, atol=0.0, rtol=0.0):
+    """Two checkpoints at the same step with equal weights, buffers and optimizer state (exactly, by default)."""
+    assert a["step"] == b["step"]
+    close = lambda x, y: torch.equal(x, y) if atol == rtol == 0 else torch.allclose(x, y, rtol, atol)  # noqa: E731
+    for key in a["model"]:
+        assert close(a["model"][key].double(), b["model"][key].double()), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(close(sa[i][k].double(), sb[i][k].double()) for i in sa for k in sa[i])
+
+
+# ---------------------------------------------------------------- precision, torch.compile, several nodes, preemption
+def test_precision_is_chosen_per_device_and_said(monkeypatch):
+    """auto: bf16 where the GPU computes in it natively (compute capability 8+), fp16 with a gradient scaler on older
+    GPUs (where torch would emulate bf16: is_bf16_supported() is True there, hence including_emulation=False), fp32
+    on the CPU. The kNN monitor's features take the same dtype (simlap.autocast_dtype)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert train.choose_precision("auto", cpu) == (None, False, "fp32 (auto: on the CPU)")
+    assert train.choose_precision("bf16", cpu) == (torch.bfloat16, False, "bf16 (--precision bf16)")
+    assert train.choose_precision("fp16", cpu)[:2] == (torch.float16, True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert simlap.autocast_dtype(gpu) == torch.float16
+    assert train.choose_precision("auto", gpu) == (
+        torch.float16, True, "fp16 with a gradient scaler (auto: the Tesla V100 has no native bfloat16)")
+    assert "emulates bfloat16" in train.choose_precision("bf16", gpu)[2]
+    assert train.choose_precision("fp32", gpu) == (None, False, "fp32 (--precision fp32)")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert simlap.autocast_dtype(gpu) == torch.bfloat16
+    assert train.choose_precision("auto", gpu) == (
+        torch.bfloat16, False, "bf16 (auto: the NVIDIA A100 computes in bfloat16)")
+
+
+def test_lars_under_a_gradient_scaler_unscales_and_skips_without_touching_its_state():
+    """fp16 with LARS: torch.amp.GradScaler hands LARS the scale and its inf flag (no host sync). A finite step equals
+    plain LARS on the unscaled gradient; a step with an inf gradient leaves weights and momentum as they were."""
+    torch.manual_seed(11)
+    w0, x = torch.randn(4, 3), torch.randn(5, 4)
+    w, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt, ref_opt = simlap.LARS([w], lr=0.5, weight_decay=1e-2), simlap.LARS([ref], lr=0.5, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for bad in (False, False, True):
+        loss = (x @ w).square().sum() * (float("inf") if bad else 1.0)
+        scaler.scale(loss).backward()
+        before = w.detach().clone(), opt.state[w].get("momentum_buffer", torch.zeros(())).clone()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if not bad:
+            (x @ ref).square().sum().backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            assert torch.allclose(w, ref, atol=1e-6) and not torch.equal(w, before[0])
+    assert torch.equal(w, before[0]) and torch.equal(opt.state[w]["momentum_buffer"], before[1])
+    assert scaler.get_scale() == 2.0 ** 9  # the skip backed the scale off
+
+
+SMALL = ["--proj-hidden", "64", "--proj-dim", "32", "--knn-every", "0", "--log-every", "2", "--workers", "0",
+         "--epochs", "1"]
+AMP_RUNS = {"bf16": ["--arch", "vit_tiny", "--image-size", "32", "--synthetic-per-class", "1", "--batch-size", "4"],
+            "fp16": ["--image-size", "8", "--synthetic-per-class", "2", "--batch-size", "8"]}  # both 4 steps
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu_resumes_exactly(precision, tmp_path, monkeypatch):
+    """--precision bf16 (on vit_tiny at 32 px, whose patch embedding stays frozen) and fp16 with its gradient scaler,
+    on the CPU: a run stopped at step 2 and resumed ends bit-identical to one run straight through; the network ran
+    under autocast in that dtype while the losses stayed fp32. fp16 starts from an overflowing loss scale (2^100,
+    backed off to 2^10 at the first overflow): its step 1 is skipped, which is no non-finite-loss stop and no
+    update (AdamW counts 1 step at step 2); the scale and its growth counter come back from the checkpoint (without
+    them the resumed run would skip again)."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        loss = simlap_loss(*args, **kwargs)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), loss.dtype))
+        return loss
+
+    simlap_loss = simlap.simlap_loss
+    monkeypatch.setattr(simlap, "simlap_loss", spy)
+    if precision == "fp16":
+        monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(
+            torch.amp.GradScaler, init_scale=2.0 ** 100, backoff_factor=2.0 ** -90))
+    argv = [*SMALL, *AMP_RUNS[precision], "--precision", precision]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main([*argv, "--output-dir", str(straight)])
+    train.main([*argv, "--output-dir", str(resumed), "--stop-after", "2"])
+    stopped = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    train.main([*argv, "--output-dir", str(resumed)])
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, resumed))
+    same_run(a, b)
+    assert a["step"] == 4 and set(seen) == {(True, {"bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+                                              torch.float32)}
+    if precision == "bf16":  # MoCo v3's frozen random patch embedding (the other weights moved)
+        assert torch.equal(stopped["model"]["backbone.conv_proj.weight"], a["model"]["backbone.conv_proj.weight"])
+        assert not torch.equal(stopped["model"]["backbone.class_token"], a["model"]["backbone.class_token"])
+        assert a["scaler"] is None
+    else:
+        assert (stopped["scaler"]["scale"], stopped["scaler"]["_growth_tracker"]) == (2.0 ** 10, 1)
+        assert {int(s["step"]) for s in stopped["optimizer"]["state"].values()} == {1}
+        assert (a["scaler"]["scale"], a["scaler"]["_growth_tracker"]) == (2.0 ** 10, 3) and a["scaler"] == b["scaler"]
+
+
+COMPILE_BACKEND = os.environ.get("SIMLAP_TEST_COMPILE_BACKEND", "aot_eager")  # inductor: minutes here, see below
+
+
+def test_compiled_training_equals_eager_and_resumes(tmp_path):
+    """train.py --compile (simlap and simlap-moco, 4 steps) ends within 1e-5 of the eager run, every weight and
+    optimizer state; a compiled run stopped at step 2 and resumed ends where the uninterrupted compiled run ends;
+    the hand-written autograd loss (_PairInfoNCE) compiles into one graph (fullgraph) with the eager value and
+    gradients. Backend aot_eager (torch.compile's tracing and autograd, no code generation), because inductor's CPU
+    code generation takes minutes here; SIMLAP_TEST_COMPILE_BACKEND=inductor runs the same test with it."""
+    import torch._dynamo
+    argv = [*TINY, "--workers", "0", "--epochs", "1"]
+    tol = dict(atol=1e-5, rtol=1e-5)
+    ckpt = lambda name: torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)  # noqa: E731
+    captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    for method in ("simlap", "simlap-moco"):
+        for name, extra in (("eager", []), ("compiled", ["--compile", COMPILE_BACKEND])):
+            train.main([*argv, "--method", method, "--output-dir", str(tmp_path / f"{method}-{name}"), *extra])
+        same_run(ckpt(f"{method}-eager"), ckpt(f"{method}-compiled"), **tol)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > captured  # compiled, not run eagerly
+    resumed = ["--compile", COMPILE_BACKEND, "--output-dir", str(tmp_path / "resumed"), "--stop-after", "2"]
+    train.main([*argv, *resumed])
+    train.main([*argv, *resumed])
+    same_run(ckpt("simlap-compiled"), ckpt("resumed"), **tol)
+    g = torch.Generator().manual_seed(12)
+    q, k, gates = (torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(3))
+    y, y2 = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([1, 1, 0, 2, 2, 0])
+    results = []
+    for loss_fn in (simlap.simlap_loss, torch.compile(simlap.simlap_loss, fullgraph=True, backend=COMPILE_BACKEND)):
+        loss = loss_fn(q, k, y, y2, gates.sigmoid())
+        results.append([loss.detach(), *torch.autograd.grad(loss, (q, k, gates))])
+    assert all(torch.allclose(a, b, **tol) for a, b in zip(*results))
+
+
+def torchrun(*launch, out, epochs):
+    """train.py (TINY) under a torchrun launcher, its output in a pipe. One thread per process: torchrun sets it for
+    several processes per node, and the same must hold for one, so that every launch computes bit-identically."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, os.path.join(HERE, "train.py"), *TINY,
+           "--workers", "0", "--epochs", str(epochs), "--output-dir", str(out)]
+    return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def two_nodes(out0, out1, epochs):
+    """Two launchers as two nodes of one process each, meeting at a c10d rendezvous on this machine; `out0` and
+    `out1` are each node's --output-dir (the same folder: a shared file system)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                     endpoint, out=out, epochs=epochs) for out in (out0, out1)]
+
+
+def wait_for_training(out, procs, timeout=240):
+    """Until `out`/log.jsonl has its first line (training runs, past its start and its signal handlers)."""
+    deadline = time.time() + timeout
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().strip()):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate() for p in procs]
+        time.sleep(0.05)
+
+
+def test_two_nodes_equal_one_stop_together_on_a_signal_and_refuse_unshared_checkpoints(tmp_path):
+    """torchrun as 2 nodes x 1 process (c10d rendezvous, gloo) trains as `--standalone --nproc-per-node 2` does,
+    bit for bit, also when one node's launcher gets SIGTERM mid-run (as a scheduler would send it): its worker
+    alone sees the signal, yet both ranks stop at one step (exit code 3), rank 0 checkpoints, and the same commands
+    continue to the same end. Started with a checkpoint that one node sees and the other does not, both refuse."""
+    one_node, shared, other = tmp_path / "one-node", tmp_path / "shared", tmp_path / "other-disk"
+    epochs, total = 4, 16
+    ref = torchrun("--standalone", "--nproc-per-node", "2", out=one_node, epochs=epochs)
+    assert ref.wait(timeout=300) == 0, ref.communicate()[0]
+    nodes = two_nodes(shared, shared, epochs)
+    wait_for_training(shared, nodes)
+    nodes[0].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    stopped = torch.load(shared / "checkpoint.pt", weights_only=True)
+    assert 2 <= stopped["step"] < total, outs
+    said = (f"train.py: stopped by SIGTERM at step {stopped['step']} of {total}, {shared / 'checkpoint.pt'} "
+            "written; run the same command again to continue (exit code 3)")
+    assert sum(said in out for out in outs) == 1, outs  # rank 0, on either node
+    assert "exitcode: 3" in outs[1], outs[1]  # the worker that got no signal stopped too, with the same code
+    before = (shared / "checkpoint.pt").read_bytes()
+    refused = [p.communicate(timeout=300)[0] for p in two_nodes(shared, other, epochs)]
+    for out in refused:
+        line = next(line for line in out.splitlines() if line.startswith("train.py: error: "))
+        assert line.startswith("train.py: error: the ranks would start from different steps: rank ") and (
+            f" at step {stopped['step']} ({shared / 'checkpoint.pt'})" in line and
+            " at step 0 (no checkpoint)" in line and "must be one folder that every node sees" in line), line
+    assert (shared / "checkpoint.pt").read_bytes() == before and not other.exists()
+    resumed = two_nodes(shared, shared, epochs)
+    assert [p.wait(timeout=300) for p in resumed] == [0, 0], [p.communicate()[0] for p in resumed]
+    same_run(torch.load(one_node / "checkpoint.pt", weights_only=True),
+             torch.load(shared / "checkpoint.pt", weights_only=True))
+
+
+def test_a_signal_stops_a_run_at_a_checkpoint_that_resumes_exactly(tmp_path):
+    """SIGUSR1 to a running train.py's whole process group (its 2 loader workers too, as torchrun and SLURM send
+    it): the step in progress finishes, the checkpoint is written, one line says so, exit code 3; the same command
+    then ends bit-identical to a run that was never stopped."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    argv = [*TINY, "--epochs", "4"]
+    train.main([*argv, "--workers", "0", "--output-dir", str(straight)])
+    with open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--workers", "2",
+                              "--output-dir", str(stopped)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
+    try:
+        wait_for_training(stopped, [p])
+        os.killpg(p.pid, signal.SIGUSR1)
+        assert p.wait(timeout=120) == 3, (tmp_path / "err").read_text()
+    finally:
+        p.kill()
+    step = torch.load(stopped / "checkpoint.pt", weights_only=True)["step"]
+    last = (tmp_path / "err").read_text().strip().splitlines()[-1]
+    assert last == (f"train.py: stopped by SIGUSR1 at step {step} of 16, {stopped / 'checkpoint.pt'} written; run "
+                    "the same command again to continue (exit code 3)") and 2 <= step < 16
+    assert json.loads((stopped / "log.jsonl").read_text().splitlines()[-1]) == {"step": step, "stopped_by": "SIGUSR1"}
+    train.main([*argv, "--workers", "0", "--output-dir", str(stopped)])
+    same_run(*(torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, stopped)))
 
 
 def test_lr_schedule():

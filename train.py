@@ -12,16 +12,38 @@ SimLAP-MoCo (Table 1; Table 5a's Hydra-MoCo column: LARS at 0.3 per 256 images, 
     torchrun --standalone --nproc_per_node=8 train.py --method simlap-moco --dataset imagefolder \\
         --data /path/to/imagenet --arch resnet50 --image-size 224 --batch-size 1024 --epochs 300 --workers 10
 Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
+The paper's ViT-S recipe (Table 5a's ViT column: AdamW, lr 2e-3 at batch 1024, wd 1e-2, 40 warmup epochs, 300 epochs):
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet \\
+        --arch vit_small --image-size 224 --batch-size 1024 --epochs 300 --optimizer adamw --base-lr 5e-4 \\
+        --weight-decay 1e-2 --warmup-epochs 40 --workers 10 --knn-every 50
+  Table 2 (Hydra, kNN on CIFAR-10): the same with --method hydra, and --arch vit_tiny --epochs 100 or --arch vit_base.
+Several nodes (here 2 x 8 GPUs): the same command on every node, HOST:PORT a free port on the first node; every node
+must see one --output-dir (a shared file system), else train.py refuses to start, saying which ranks see what:
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT train.py ...
+  Under SLURM, in an sbatch script with --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 --signal=TERM@120:
+    srun torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id $SLURM_JOB_ID \\
+        --rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500 train.py ...
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
+Preemption: on SIGTERM or SIGUSR1 (what schedulers send before they kill a job; SLURM: SIGTERM, or another signal with
+--signal) every rank finishes its step, within --log-every steps all ranks agree to stop, rank 0 writes the checkpoint,
+and train.py exits with code 3 and the line "stopped by SIGTERM at step N ...; run the same command again to
+continue". Exit codes: 0 done (or --stop-after), 1 a non-finite loss, 2 a mistake in the command or its files, 3
+stopped by a signal. torchrun exits 1 whatever its workers' codes (its failure report names "exitcode: 3"); the last
+line of <output-dir>/log.jsonl then reads {"step": N, "stopped_by": "SIGTERM"}. torchrun passes SIGTERM on to its
+workers and waits 30 s for them, but dies of SIGUSR1 unless told (torch 2.14's torchrun: --signals-to-handle
+SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1); so under torchrun ask the scheduler for SIGTERM.
 """
 import atexit
+import contextlib
 import fcntl
 import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -40,6 +62,15 @@ MOMENTUM = [name for name, m in simlap.METHODS.items() if m.momentum]  # those t
 class NonFiniteLoss(UserError):
     """The loss became inf or NaN: one line, exit code 1, the last checkpoint untouched."""
     exit_code, prefix = 1, ""
+
+
+class Preempted(UserError):
+    """Stopped by SIGTERM or SIGUSR1 after writing the checkpoint: one line (from rank 0), exit code 3, so that a
+    requeue script can tell it from a failure; the same command continues the run."""
+    exit_code, prefix = 3, ""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers send before they kill a job (SLURM: either)
 
 
 def build_parser():
@@ -105,7 +136,13 @@ def build_parser():
     a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps, 0 = per epoch only (default: 0)")
     a("--stop-after", type=nonneg_int, default=0, help="checkpoint and exit after N steps in this invocation, e.g. "
       "to fit a job time limit; rerun the same command to continue (default: 0 = run to the end)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="autocast dtype of the network "
+      "(the losses stay fp32): auto = bf16 on a GPU that computes in it natively (A100, H100, RTX 30xx ...), fp16 with "
+      "a gradient scaler on older GPUs (V100, T4, RTX 20xx), fp32 on the CPU; the start line says which and why "
+      "(default: auto)")
+    a("--compile", nargs="?", const="inductor", choices=("inductor", "aot_eager", "eager"), metavar="BACKEND",
+      help="torch.compile the model (backend: inductor, torch's default; aot_eager and eager trace the model "
+      "without generating code, to tell a tracing problem from a code-generation one)")
     return p
 
 
@@ -225,7 +262,7 @@ def knn_monitor(model, train_raw, test_set, args, device):
     gen = torch.Generator().manual_seed(0)
     loaders = [torch.utils.data.DataLoader(
         torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist()),
-        batch_size=256, num_workers=args.workers) for ds in (train_set, test_set)]
+        batch_size=256, num_workers=args.workers, worker_init_fn=ignore_stop_signals) for ds in (train_set, test_set)]
     (fb, yb), (ft, yt) = [simlap.extract_features(model.backbone, dl, device, desc="knn features") for dl in loaders]
     return (simlap.knn_classify(fb, yb, ft) == yt).float().mean().item()
 
@@ -237,7 +274,8 @@ def main(argv=None):
     run = load_data(args)  # user errors surface here and in open_output_dir, before anything is written
     ckpt = open_output_dir(args, run)
     build_model(args, run, device, ckpt)
-    train(args, run, device)
+    with catch_stop_signals():
+        train(args, run, device)
     teardown()
 
 
@@ -295,6 +333,7 @@ def open_output_dir(args, run):
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file")
     ckpt = load_checkpoint(run.resume, args, run.num_classes) if run.resume else None
+    check_same_start(args, run, ckpt)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         probe = os.path.join(args.output_dir, f".write-test{os.getpid()}")
@@ -308,8 +347,8 @@ def open_output_dir(args, run):
 
 
 def build_model(args, run, device, ckpt):
-    """Into run: model (the SimLAP module), wrapped (what to call: DDP / compiled), opt, and from the checkpoint the
-    step to start from and the untrained network's kNN."""
+    """Into run: model (the SimLAP module), wrapped (what to call: DDP / compiled), opt, the precision (amp_dtype,
+    scaler) and from the checkpoint the step to start from and the untrained network's kNN."""
     model = simlap.SimLAP(args.arch, run.num_classes, small_images=args.small_images, image_size=args.image_size,
                           proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=args.method,
                           pairs=args.pairs or "arbitrary", beta=args.beta, temperature=args.temperature,
@@ -318,17 +357,22 @@ def build_model(args, run, device, ckpt):
     run.memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
     model = model.to(memory_format=run.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
+    run.amp_dtype, scaled, run.precision = choose_precision(args.precision, device)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=scaled)  # fp16 only; otherwise it passes through
     if args.optimizer == "lars":
         opt = simlap.LARS(params, run.lr, args.weight_decay, args.momentum)
-    else:  # no weight decay on biases and norm weights, as LARS
+    else:  # no weight decay on biases and norm weights, as LARS. fp16: the fused AdamW, which takes the scaler's
+        # scale and inf flag on the device (like LARS), so that the scaler adds no host sync per step
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
                                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=run.lr, weight_decay=args.weight_decay)
+                                lr=run.lr, weight_decay=args.weight_decay, fused=scaled or None)
     run.step, run.knn_untrained = 0, None
     if ckpt:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
             opt.load_state_dict(ckpt["optimizer"])
+            if scaled and ckpt.get("scaler"):  # fp16's loss scale; a run that switches precision starts a new one
+                run.scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {run.resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
         run.step, run.knn_untrained = ckpt["step"], ckpt.get("knn_untrained")
@@ -341,68 +385,94 @@ def build_model(args, run, device, ckpt):
             wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
         wrapped = torch.nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    run.model, run.wrapped, run.opt = model, torch.compile(wrapped) if args.compile else wrapped, opt
+    run.model, run.opt = model, opt
+    run.wrapped = torch.compile(wrapped, backend=args.compile) if args.compile else wrapped
 
 
 def train(args, run, device):
     """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
-    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt."""
-    main0, step, opt = rank() == 0, run.step, run.opt
+    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt. Stopped by SIGTERM or
+    SIGUSR1 (stop_requested), it checkpoints the step it finished and raises Preempted."""
+    main0, step = rank() == 0, run.step
     sampler, loader = build_loader(args, run, device)
     announce(args, run, device, step)
     if args.knn_every and step == 0:
         run.knn_untrained = knn_on_rank0(run.model, run, args, device, "step 0 (untrained)", print)
         log(args, dict(epoch=0, step=0, knn_top1=run.knn_untrained))
     knn_last, start_step, nonfinite_step = run.knn_untrained, step, torch.tensor(-1, device=device)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=run.total_steps, initial=step, disable=not main0, dynamic_ncols=True)
     tick, tick_step, stats = time.time(), step, {}
     for epoch in range(step // run.steps_per_epoch, args.epochs):
         sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
         run.wrapped.train()
         for images, y, index in loader:
-            for group in opt.param_groups:
-                group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
-            if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
-                run.model.update_momentum(get_momentum(step, run.total_steps, args.moco_m))
-            keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
-            images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
-            x1, x2 = (x.contiguous(memory_format=run.memory_format)
-                      for x in simlap.two_views(images, keys, args.image_size))
             want_stats = (step + 1) % args.log_every == 0
-            with torch.autocast(**amp):
-                loss, new_stats = run.wrapped(x1, x2, y, stats=want_stats)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, nonfinite_step)
+            loss, new_stats = train_step(args, run, device, (images, y, index), epoch, step, want_stats)
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
             step += 1
             bar.update(1)
-            if want_stats:  # the only host sync in the loop, every --log-every steps
+            if want_stats:  # the host syncs of the loop, every --log-every steps
                 check_finite(nonfinite_step)
                 ips = (step - tick_step) * args.batch_size / (time.time() - tick)
                 tick, tick_step = time.time(), step
-                stats = dict(new_stats, lr=opt.param_groups[0]["lr"], img_per_s=ips)
+                stats = dict(new_stats, lr=run.opt.param_groups[0]["lr"], img_per_s=ips, **device_stats(run, device))
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
                                 gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
                 log(args, dict(step=step, epoch=epoch, **stats))
-            if (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
+            stop = stop_requested(device) if want_stats or world_size() == 1 else 0  # a collective: synced steps
+            if stop or (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
                 check_finite(nonfinite_step)
                 save_checkpoint(args, run, step)
-            if step - start_step == args.stop_after:
+            if stop or step - start_step == args.stop_after:
                 bar.close()
+                if stop:
+                    raise preempted(args, run, step, stop)
                 if main0:
                     print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
                 return
         check_finite(nonfinite_step)
-        record = dict(epoch=epoch + 1, step=step, **stats)
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+        record, stop = dict(epoch=epoch + 1, step=step, **stats), stop_requested(device)  # before a long kNN
+        if not stop and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn_last = knn_on_rank0(run.model, run, args, device, f"epoch {epoch + 1}", bar.write)
         log(args, record)
         save_checkpoint(args, run, step)
+        if stop:
+            bar.close()
+            raise preempted(args, run, step, stop)
     bar.close()
     if main0:
         finish(args, run.model, run.knn_untrained, knn_last)
+
+
+def train_step(args, run, device, batch, epoch, step, want_stats):
+    """One update at global step `step` -> (the loss, unscaled and detached; the model's stats if want_stats)."""
+    for group in run.opt.param_groups:
+        group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
+    if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
+        run.model.update_momentum(get_momentum(step, run.total_steps, args.moco_m))
+    images, y, index = batch
+    keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
+    images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
+    x1, x2 = (x.contiguous(memory_format=run.memory_format) for x in simlap.two_views(images, keys, args.image_size))
+    with torch.autocast(device.type, run.amp_dtype, enabled=run.amp_dtype is not None):  # the losses stay fp32
+        loss, stats = run.wrapped(x1, x2, y, stats=want_stats)
+    run.opt.zero_grad(set_to_none=True)
+    # fp16: the scaler multiplies the loss before backward and skips the update where the scaled gradients overflow.
+    # That is routine, not a non-finite loss (train() checks the unscaled loss). A skipped step still moves the data
+    # and the lr and momentum schedules on (pure functions of the step); the optimizer state (LARS momentum, AdamW's
+    # moments and step count) and the weights stay as they were. bf16 and fp32: the scaler passes everything through.
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return loss.detach(), stats
+
+
+def device_stats(run, device):
+    """For log.jsonl: fp16's loss scale (halved at every skipped step) and the peak GPU memory so far."""
+    out = dict(grad_scale=run.scaler.get_scale()) if run.scaler.is_enabled() else {}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
 
 
 def save_checkpoint(args, run, step):
@@ -412,7 +482,8 @@ def save_checkpoint(args, run, step):
         moco_m = get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
         simlap.save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
                                 epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=run.knn_untrained,
-                                rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m), run.ckpt_path)
+                                rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m,
+                                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None), run.ckpt_path)
 
 
 def log(args, record):
@@ -430,7 +501,8 @@ def build_loader(args, run, device):
     sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, drop_last=True)
+                                         persistent_workers=args.workers > 0, drop_last=True,
+                                         worker_init_fn=ignore_stop_signals)
     return sampler, loader
 
 
@@ -440,7 +512,7 @@ def announce(args, run, device, step):
         return
     print(f"SimLAP {args.arch} on {args.dataset} ({len(run.train_raw)} images, {run.num_classes} classes), "
           f"{world_size()} x {run.per_gpu_batch} = batch {args.batch_size}, effective lr {run.lr:g}, "
-          f"{run.total_steps} steps, device {device}" + (
+          f"{run.total_steps} steps, device {device}, precision {run.precision}" + (
               f", resuming at step {step} from {run.resume}" if step else ""), flush=True)
     if args.demo_departures:
         print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
@@ -484,6 +556,109 @@ def check_finite(nonfinite_step):
     if bad >= 0:
         raise NonFiniteLoss(f"loss is not finite at step {bad}; stopped, the last checkpoint is untouched "
                             "(try a lower --base-lr or a longer --warmup-epochs)")
+
+
+def choose_precision(requested, device):
+    """--precision -> (autocast dtype, None for fp32; whether fp16's gradient scaler runs; what and why, said at
+    start). The losses compute in fp32 inside autocast whatever is chosen."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if requested == "auto" and gpu is None:
+        return None, False, "fp32 (auto: on the CPU)"
+    if requested == "auto":
+        if simlap.autocast_dtype(device) == torch.bfloat16:
+            return torch.bfloat16, False, f"bf16 (auto: the {gpu} computes in bfloat16)"
+        return torch.float16, True, f"fp16 with a gradient scaler (auto: the {gpu} has no native bfloat16)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
+    note = ""
+    if gpu and dtype == torch.bfloat16 and simlap.autocast_dtype(device) != dtype:
+        note = f"; the {gpu} emulates bfloat16, slowly: fp16 is its fast mixed precision"
+    elif gpu is None and dtype == torch.float16:
+        note = "; slow on the CPU, which has no fast fp16 convolutions: for testing"
+    scaled = dtype == torch.float16
+    return dtype, scaled, f"{requested}{' with a gradient scaler' if scaled else ''} (--precision {requested}{note})"
+
+
+def check_same_start(args, run, ckpt):
+    """Every rank must start from the same step. A checkpoint that only some nodes see (an --output-dir that is not
+    one folder on a shared file system) would resume rank 0 at step N and the others at 0: DDP copies rank 0's
+    weights, but each rank then follows its own step count and lr schedule, and the run silently diverges or hangs
+    at the end. One collective at start; refused on every rank, saying which ranks see what."""
+    if world_size() == 1:
+        return
+    every = [None] * world_size()
+    dist.all_gather_object(every, (ckpt["step"] if ckpt else 0, run.resume, socket.gethostname()))
+    if len({step for step, _, _ in every}) > 1:
+        seen = {}
+        for r, found in enumerate(every):
+            seen.setdefault(found, []).append(r)
+        what = [f"rank{'s' * (len(ranks) > 1)} {spans(ranks)} on {host} at step {step} ({path or 'no checkpoint'})"
+                for (step, path, host), ranks in seen.items()]
+        raise UserError(f"the ranks would start from different steps: {'; '.join(what)}. --output-dir "
+                        f"{args.output_dir} must be one folder that every node sees (a shared file system)")
+
+
+def spans(numbers):
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    out = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
+
+
+_stop_signal = 0  # the stop signal (STOP_SIGNALS) this process received while training, 0 if none
+
+
+@contextlib.contextmanager
+def catch_stop_signals():
+    """While training, SIGTERM and SIGUSR1 set a flag instead of killing the process: the loop then finishes its
+    step, checkpoints and stops (stop_requested). Signal handlers live in the main thread only: elsewhere (a thread
+    of a notebook) the signals keep their default action."""
+    global _stop_signal
+    _stop_signal = 0
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        global _stop_signal
+        _stop_signal = signum
+
+    before = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGTERM and SIGUSR1 to the main process: torchrun and SLURM signal whole process
+    groups, and a worker killed by one would crash the main process at its next batch."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_requested(device):
+    """-> the stop signal that any rank received (0: none), the same on every rank, so that all stop at one step.
+    Several processes: a MAX all-reduce of one number, a collective and a host sync, so train() asks only where it
+    syncs anyway (every --log-every steps, and at the end of each epoch). A run then stops at most --log-every steps
+    after the signal (one step in a single process), plus the time to write the checkpoint."""
+    if world_size() == 1:
+        return _stop_signal
+    flag = torch.tensor(_stop_signal, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+def preempted(args, run, step, signum):
+    """-> the Preempted to raise on every rank once the checkpoint at `step` is written; only rank 0's has words."""
+    name = signal.Signals(signum).name
+    log(args, dict(step=step, stopped_by=name))
+    return Preempted(f"stopped by {name} at step {step} of {run.total_steps}, {run.ckpt_path} written; run the same "
+                     f"command again to continue (exit code {Preempted.exit_code})" if rank() == 0 else "")
 
 
 def teardown():

@@ -44,16 +44,21 @@ def write_json(args, name, record):
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {path}")
+    return path
 
 
-def run_child(script, argv, what, env=None):
-    """Run a benchmark script in a fresh process (env: extra environment variables); its last line on stdout is one
-    JSON record, returned."""
-    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+def run_child(script, argv, what, env=None, launcher=(), result=None, timeout=None):
+    """Run a script in a fresh process, `python [launcher ...] script argv` (env: extra environment variables; launcher:
+    e.g. -m torch.distributed.run and its flags) -> result(its stdout), by default the JSON record of its last line.
+    RuntimeError, with the end of its stderr, if it fails or outlasts `timeout` seconds."""
+    try:
+        proc = subprocess.run([sys.executable, *launcher, os.path.abspath(script), *argv], capture_output=True,
+                              text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{what} did not finish within {timeout} s") from e
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return (result or (lambda out: json.loads(out.strip().splitlines()[-1])))(proc.stdout)
 
 
 def peak_bytes(cuda):
