@@ -438,7 +438,8 @@ def build_parser():
                    help=f"kNN vote temperature T (default: {simlap.KNN_T})")
     p.add_argument("--probe-iters", type=positive_int, default=300,
                    help="L-BFGS iterations of the probe (default: 300)")
-    p.add_argument("--probe-wd", type=nonneg_float, default=1e-4, help="L2 strength of the probe (default: 1e-4)")
+    p.add_argument("--probe-wd", type=nonneg_float, default=1e-4, help="L2 strength of the probe; --transfer picks "
+                   "its own on a validation split (default: 1e-4)")
     p.add_argument("--output-dir", help="where eval.json and the gate pictures go (default: the folder of the "
                    "weights)")
     p.add_argument("--cache-features", metavar="FILE", help="reuse features from FILE, or save them there "
