@@ -72,6 +72,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
+import plot  # noqa: E402
 import simlap  # noqa: E402
 import train  # noqa: E402
 from common import add_output_flags, machine_info, run_child, write_json  # noqa: E402  (benchmarks/common.py)
@@ -134,7 +135,7 @@ def pseudo_labels(args, seed):
     if not os.path.exists(path):
         with contextlib.redirect_stdout(sys.stderr):
             evaluation.main(["--checkpoint", os.path.join(source, "checkpoint.pt"), "--kmeans", str(len(SEEN)),
-                             "--kmeans-seed", str(seed), "--workers", "0", "--device", "cpu"])
+                             "--kmeans-seed", str(seed), "--workers", "0", "--device", "cpu", "--no-figures"])
     return path
 
 
@@ -319,13 +320,8 @@ def markdown(summ, claims):
 
 
 # ----------------------------------------------------------------------------------------------- figure
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (0, 0, 0), (100, 100, 255))
-
-
-def draw_curves(rows, png, cases, width=760, height=440):
-    """kNN (mean over seeds) against training step, one line per case, with PIL (torchvision's dependency)."""
-    from PIL import Image, ImageDraw
+def draw_curves(rows, png, cases):
+    """kNN (mean over seeds) against training step, one line per case (plot.py, the drawing eval.py uses too)."""
     curves = {}
     for case in cases:
         runs = [r["knn_curve"] for r in rows if r["case"] == case and r["knn_curve"]]
@@ -333,31 +329,10 @@ def draw_curves(rows, png, cases, width=760, height=440):
             curves[case] = [(c[0][0], statistics.mean(x[1] for x in c)) for c in zip(*runs)]
     if not curves:
         return None
-    steps = [p[0] for c in curves.values() for p in c]
-    accs = [p[1] for c in curves.values() for p in c]
-    x0, x1, y0, y1 = 60, width - 190, height - 40, 20  # plot box in pixels
-    lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
-    px = lambda s: x0 + (x1 - x0) * s / max(steps)  # noqa: E731
-    py = lambda a: y0 + (y1 - y0) * (a - lo) / (hi - lo)  # noqa: E731
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    for a in range(int(lo), int(hi) + 1, 10 if hi - lo > 30 else 5):
-        d.line([(x0, py(a)), (x1, py(a))], fill=(225, 225, 225))
-        d.text((x0 - 30, py(a) - 6), f"{a}%", fill="black")
-    for i in range(5):
-        s = round(max(steps) * i / 4)
-        d.text((px(s) - 10, y0 + 6), str(s), fill="black")
-    d.rectangle([x0, y1, x1, y0], outline="black")
-    d.text(((x0 + x1) // 2 - 60, height - 18), "training step", fill="black")
-    d.text((x0, 4), "seen-class kNN top-1 (train.py's monitor, mean over seeds)", fill="black")
-    for i, (case, c) in enumerate(curves.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        d.line([(px(s), py(a)) for s, a in c], fill=colour, width=2)
-        d.line([(x1 + 12, y1 + 8 + 18 * i), (x1 + 32, y1 + 8 + 18 * i)], fill=colour, width=3)
-        d.text((x1 + 38, y1 + 2 + 18 * i), case, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    img.save(png)
-    return png
+    return plot.save(plot.lines([(case, [s for s, _ in c], [a for _, a in c]) for case, c in curves.items()],
+                                "seen-class kNN top-1 (train.py's monitor, mean over seeds)", "training step",
+                                "kNN top-1 %", size=(580, 440)), png)
 
 
 def main(argv=None):
