@@ -981,12 +981,13 @@ def fmt(value):
 
 
 def write_report(out_dir, title, header, table, figures):
-    """out_dir/report.md: a title, a line on what was evaluated, the table (rows of cells, the first row its head),
-    and every figure with its caption, by relative path, so that the folder reads in any Markdown viewer."""
-    lines = [f"# {title}", "", header, "", "| " + " | ".join(table[0]) + " |", "|---" * len(table[0]) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    """out_dir/report.md: a title, a line on what was evaluated, every figure with its caption (by relative path, so
+    that the folder reads in any Markdown viewer), then the table (rows of cells, the first row its head)."""
+    lines = [f"# {title}", "", header]
     for file in figures:
         lines += ["", f"## {CAPTIONS[file][0]}", "", CAPTIONS[file][1], "", f"![{CAPTIONS[file][0]}]({file})"]
+    lines += ["", "## Every number", "", "| " + " | ".join(table[0]) + " |", "|---" * len(table[0]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     path = os.path.join(out_dir, "report.md")
     simlap.save_atomic("\n".join(lines) + "\n", path, save=save_text)
     return path
