@@ -536,12 +536,19 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.attributes = self.ATTRIBUTES[classes]  # (K, 2): shape id, colour id
         self.classes = [f"{self.COLOUR_NAMES[c]}_{self.SHAPES[s]}" for s, c in self.attributes.tolist()]
         self.targets = torch.arange(len(classes)).repeat_interleave(per_class)  # balanced, re-indexed labels
-        gen = torch.Generator().manual_seed(seed * 7919 + {"train": 1, "test": 2}.get(split, 3))
-        self.images = self._render(self.attributes[self.targets], size, gen)
+        self.render_seed, self.size = seed * 7919 + {"train": 1, "test": 2}.get(split, 3), size
+        self.images = self._rendered()[0]
         self.transform = transform
 
+    def shape_masks(self):
+        """(N, size, size) bool: where each image shows its shape (the rest is background), rendered again."""
+        return self._rendered()[1]
+
+    def _rendered(self):  # a fresh generator of the same seed each time: the same images
+        return self._render(self.attributes[self.targets], self.size, torch.Generator().manual_seed(self.render_seed))
+
     @classmethod
-    def _render(cls, attrs, size, gen):  # attrs (N, 2) -> (N, 3, size, size) uint8
+    def _render(cls, attrs, size, gen):  # attrs (N, 2) -> (N, 3, size, size) uint8 images, (N, size, size) bool masks
         N = len(attrs)
         r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
         coords = torch.linspace(-1, 1, size)
@@ -560,7 +567,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
                       + 0.06 * torch.randn(N, 3, size, size, generator=gen))
         img = background * (1 - mask) + colour[:, :, None, None] * shade * mask
         img = img + 0.03 * torch.randn(N, 3, size, size, generator=gen)
-        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), mask[:, 0] > 0
 
     def attribute_distance(self):
         """(K, K) number of attributes two classes differ in: the built-in class distance for pairs='nearest'."""

@@ -4,12 +4,14 @@ import argparse
 import copy
 import functools
 import gzip
+import hashlib
 import importlib
 import json
 import math
 import os
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import plot
 import simlap
 import train
 
@@ -1212,8 +1215,9 @@ def test_training_on_some_fashionmnist_classes_and_evaluating_the_others(tmp_pat
 # ----------------------------------------------------------------------------------------------- eval.py
 TRAIN_ARGS = {"arch": "resnet18", "dataset": "synthetic", "data": None, "image_size": 16, "num_classes": 16,
               "proj_dim": 32, "proj_hidden": 64, "small_images": True, "method": "simlap"}
-EVAL_TINY = ["--synthetic-per-class", "2", "--image-size", "16", "--batch-size", "64", "--workers", "0",
-        "--probe-iters", "20", "--device", "cpu"]
+EVAL_FIGURES = ["--synthetic-per-class", "2", "--image-size", "16", "--batch-size", "64", "--workers", "0",
+                "--probe-iters", "20", "--device", "cpu", "--clam-views", "2"]
+EVAL_TINY = [*EVAL_FIGURES[:-2], "--no-figures"]  # numbers only
 
 
 @pytest.fixture(scope="module")
@@ -1332,15 +1336,14 @@ def test_eval_similarity_overlap():
 
 
 # ----------------------------------------------------------------------------------------------- gates
-def test_eval_gate_analysis(tmp_path):
+def test_eval_gate_analysis():
     gates = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.05],    # open {0, 1}
                           [0.7, 0.3, 0.6, 0.4, 0.05],    # open {0, 2}
                           [0.2, 0.1, 0.3, 0.4, 0.05],    # none open
                           [0.6, 0.9, 0.95, 0.2, 0.05]])  # open {0, 1, 2}
     embed = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
     attributes = torch.tensor([[0, 0], [0, 1], [1, 1], [2, 2]])  # sharing: (0, 1) shape, (1, 2) colour
-    png = str(tmp_path / "gates.png")
-    res = ev.gate_analysis(gates, embed, attributes, png)
+    res = ev.gate_analysis(gates, embed, attributes)
     assert res["open_dims"] == [2, 2, 0, 3]
     c = math.sqrt(2 / 3)  # cos({0,1}, {0,1,2}) = 2 / (sqrt 2 sqrt 3)
     expected = torch.tensor([[1, 0.5, 0, c], [0.5, 1, 0, c], [0, 0, 0, 0], [c, c, 0, 1]])
@@ -1351,20 +1354,180 @@ def test_eval_gate_analysis(tmp_path):
     assert torch.allclose(torch.tensor(res["entropy"]), h, atol=1e-5)
     r = 1 / math.sqrt(2)
     assert torch.allclose(torch.tensor(res["label_similarity"])[1], torch.tensor([r, 1, r, -r]), atol=1e-6)
-    img = torchvision.io.decode_image(png)[0].float()
-    assert img.shape == (4 * 8, 5 * 4)  # K x D, each class 8 px tall, each dimension 4 px wide
-    assert (img[::8, ::4] - gates * 255).abs().max() <= 1  # columns already in order: first opener, then count
-    overlap_img = torchvision.io.decode_image(res["pictures"]["overlap"])[0].float()
-    assert overlap_img.shape == (4 * 16, 4 * 16) and (overlap_img[::16, ::16] - expected * 255).abs().max() <= 1
-    # shuffled dimensions come back sorted: by the first class that opens them, then by how many classes do
-    shuffled = ev.save_gate_pictures(gates[:, [3, 2, 0, 4, 1]], expected, str(tmp_path / "shuffled.png"))
-    assert shuffled["gates_columns"] == [2, 4, 1, 0, 3]
-    assert torch.equal(torchvision.io.decode_image(shuffled["gates"]), torchvision.io.decode_image(png))
+    # Fig. 9's columns: by the first class that opens them, then by how many classes do (already in order here)
+    assert ev.gate_column_order(gates).tolist() == [0, 1, 2, 3, 4]
+    assert ev.gate_column_order(gates[:, [3, 2, 0, 4, 1]]).tolist() == [2, 4, 1, 0, 3]
+    # Fig. 9 as drawn: every cell of the heat map has the colour of its gate value, columns in that order
+    img = ev.draw_gates(gates[:, [3, 2, 0, 4, 1]], ["a", "b", "c", "d"])
+    left, top, cw, ch = img.info["cells"]
+    pixels = torchvision.transforms.functional.pil_to_tensor(img).permute(1, 2, 0)
+    cells = pixels[top + ch // 2::ch, left + cw // 2::cw][:4, :5]
+    assert torch.equal(cells, plot.colormap(gates))
     # class gates of a real filter: (K, D) in (0, 1), the filter's mode restored
     filt = simlap.FeatureFilter(6, out_dim=8).train()
     g = ev.class_gates(filt)
     assert g.shape == (6, 8) and filt.training and ((g > 0) & (g < 1)).all()
     assert ev.gate_analysis(g)["gate_overlap"] and len(ev.gate_analysis(g)["entropy"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------- paper's figures
+def test_synthetic_masks_leave_the_images_unchanged():
+    """shape_masks() renders the split again: the images are bit for bit those rendered before masks existed (their
+    sha256 is pinned here), and the masks cover the pixels painted in the class's colour."""
+    ds = simlap.SyntheticShapes("test", per_class=10)
+    sub = simlap.SyntheticShapes("train", per_class=3, classes=[5, 2, 9], size=16)
+    digest = lambda d: hashlib.sha256(d.images.numpy().tobytes()).hexdigest()  # noqa: E731
+    assert digest(ds) == "edbb8cf36f6478bcd7a8dd3921d0de951a6d71e78f3152f9dc7c4d59279962e1"
+    assert digest(sub) == "5da4915a3a4a21ba020fd40959d5f8c6af8d07ec7769e596aad2f486071bdb92"
+    masks = ds.shape_masks()
+    assert masks.shape == (160, 32, 32) and masks.dtype == torch.bool and sub.shape_masks().shape == (9, 16, 16)
+    colour = torch.tensor(ds.COLOURS)[ds.attributes[ds.targets][:, 1]]  # (N, 3): each image's class colour
+    cos = F.cosine_similarity(ds.images.float(), colour[:, :, None, None], dim=1)  # (N, 32, 32)
+    assert cos[masks].mean() > 0.97 and cos[~masks].mean() < 0.9
+    # through the eval transform (resize to 64 / 0.875 = 73, centre crop 64): the mask follows the image
+    big = simlap.SyntheticShapes("test", per_class=10, transform=simlap.eval_transform(64))
+    m = ev.eval_mask(big, masks, 3)
+    assert m.shape == (64, 64) and abs(m.float().mean() - masks[3, 2:30, 2:30].float().mean()) < 0.03
+
+
+def test_tsne_keeps_separated_clusters_apart_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    x = (10 * torch.randn(4, 10, generator=g))[y] + torch.randn(120, 10, generator=g)
+    p = ev.tsne_affinities(torch.cdist(x.double(), x.double()).square(), 15)  # each row at perplexity 15
+    assert torch.allclose(p.sum(1), torch.ones(120, dtype=torch.float64)) and (p.diagonal() == 0).all()
+    assert torch.allclose((-torch.xlogy(p, p).sum(1)).exp(), torch.full((120,), 15.0, dtype=torch.float64))
+    a = ev.tsne(x, perplexity=15, iters=400, seed=1)
+    near = torch.cdist(a, a).fill_diagonal_(math.inf).topk(5, largest=False).indices  # 5 nearest in the map
+    assert (y[near].mode(1).values == y).float().mean() >= 0.98
+    assert torch.equal(a, ev.tsne(x, perplexity=15, iters=400, seed=1))
+    assert not torch.equal(a, ev.tsne(x, perplexity=15, iters=400, seed=2))
+    sep = ev.pair_separation(a, y, 0, 1)  # centre distance over the mean distance to the own centre, by hand
+    c0, c1 = a[y == 0].mean(0), a[y == 1].mean(0)
+    spread = torch.cat([(a[y == 0] - c0).norm(dim=1), (a[y == 1] - c1).norm(dim=1)]).mean()
+    assert sep["ratio"] == pytest.approx(((c0 - c1).norm() / spread).item()) and sep["ratio"] > 3
+
+
+def region_encoder():
+    """A backbone whose features average a 1x1 convolution of the raw image (before normalisation), with ReLU: black
+    pixels give exactly 0 features, so an image black but for one region is seen through that region only."""
+    mean, std = torch.tensor(simlap.MEAN), torch.tensor(simlap.STD)
+    conv = torch.nn.Conv2d(3, 8, 1)
+    with torch.no_grad():
+        conv.bias.copy_(conv.weight[:, :, 0, 0] @ (mean / std))  # w·x + b = w·(x + mean / std) = w·(raw / std)
+    return torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+def test_clam_heat_map_falls_on_the_region_that_decides_the_similarity():
+    torch.manual_seed(0)
+    mean, std = torch.tensor(simlap.MEAN).view(3, 1, 1), torch.tensor(simlap.STD).view(3, 1, 1)
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[2:8, 1:7] = True  # off-centre: a view not taken back through its crop and flip lands elsewhere
+    raw = torch.zeros(3, 16, 16)
+    raw[:, region] = torch.rand(3, int(region.sum()))
+    anchor, positive = (raw - mean) / std, (torch.rand(3, 16, 16) - mean) / std
+    net, class_gates = region_encoder(), ev.class_gates(simlap.FeatureFilter(3, out_dim=8))
+    gates = {"global": torch.ones(8), "y1": class_gates[0], "y2": class_gates[1]}  # eq. 4's single-class gates
+    out = ev.clam(net, ev.cam_layer(net), anchor, positive, gates, views=8)
+    views, _ = ev.anchor_views(anchor, 8)
+    with torch.no_grad():
+        z, z_pos = net(views), net(positive[None])
+    for name, g in gates.items():
+        score, heat = out[name]
+        assert score == pytest.approx(F.cosine_similarity(g * z, g * z_pos).mean().item(), abs=1e-5), name
+        assert heat.shape == (16, 16) and heat.min() >= 0 and ev.mask_share(heat, region) > 0.9, name
+    # the layers Grad-CAM reads: the last ReLU here and in the convnet, a ResNet's layer4, a ViT's last block
+    cnn = simlap.convnet()[0]
+    assert ev.cam_layer(net) is net[1] and ev.cam_layer(cnn) is cnn[-3]  # then pooling and flatten
+    resnet = simlap.build_backbone("resnet18", small_images=True)[0]
+    assert ev.cam_layer(resnet) is resnet.layer4
+    vit = simlap.build_backbone("vit_tiny", small_images=True, image_size=16)[0].eval()
+    assert ev.cam_layer(vit) is vit.encoder.layers[-1].ln_1
+    out = ev.clam(vit, ev.cam_layer(vit), anchor, positive, {"global": torch.ones(192)}, views=2)
+    with torch.no_grad():
+        hand = F.cosine_similarity(vit(ev.anchor_views(anchor, 2)[0]), vit(positive[None])).mean().item()
+    assert out["global"][0] == pytest.approx(hand, abs=1e-5)
+    assert out["global"][1].shape == (16, 16) and out["global"][1].sum() > 0  # the patch tokens get a gradient
+
+
+def test_fig12_class_similarity_and_correlations_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.arange(30) % 4
+    sim = ev.class_similarity(feats, labels, 4)
+    for a in range(4):
+        for b in range(4):
+            pairs = [F.cosine_similarity(feats[i], feats[j], dim=0).item() for i in range(30) for j in range(30)
+                     if labels[i] == a and labels[j] == b and i != j]
+            assert sim[a, b].item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
+    m = {k: torch.rand(4, 4, generator=g) for k in ("gates", "features", "labels")}
+    m["labels"] = torch.ones(4, 4)  # constant: no correlation
+    got = ev.correlations(m)
+    upper = lambda t: [t[i, j].item() for i in range(4) for j in range(i + 1, 4)]  # noqa: E731
+    assert got["gates vs features"] == pytest.approx(statistics.correlation(upper(m["gates"]), upper(m["features"])))
+    assert got["gates vs labels"] is None and set(got) == {"gates vs features", "gates vs labels", "features vs labels"}
+
+
+def figure_is_drawn(path, min_size):
+    """A PNG of at least min_size (H, W) with a drawing in it: not blank, several colours, some ink."""
+    img = torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
+    colours = len(torch.unique(img.flatten(1), dim=1).T)
+    assert img.shape[1] >= min_size[0] and img.shape[2] >= min_size[1], (path, img.shape)
+    assert colours > 8 and (img < 200).any(0).float().mean() > 0.02, path
+    return img.shape[1:]
+
+
+def test_eval_figures_report_and_compare(tmp_path):
+    torch.manual_seed(0)
+    a = {**TRAIN_ARGS, "arch": "convnet"}  # its Grad-CAM layer: the last ReLU
+    model = simlap.SimLAP("convnet", 16, small_images=True, image_size=16, proj_hidden=64, proj_dim=32)
+    os.makedirs(tmp_path / "run")
+    torch.save({"model": model.state_dict(), "args": a}, tmp_path / "run" / "checkpoint.pt")
+    log = [{"epoch": 0, "step": 0, "knn_top1": 0.25}, {"step": 10, "epoch": 0, "loss": 5.0, "gate_open": 9, "lr": 1e-3},
+           {"step": 20, "epoch": 0, "loss": 4.5, "gate_open": 8, "lr": 1e-3},
+           {"step": 20, "epoch": 0, "loss": 4.0, "gate_open": 7, "lr": 1e-3},  # resumed: step 20 logged twice
+           {"epoch": 1, "step": 20, "loss": 4.0, "gate_open": 7, "lr": 1e-3, "knn_top1": 0.5}]
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    out = tmp_path / "simlap"
+    res = ev.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), *EVAL_FIGURES, "--output-dir", str(out)])
+    assert res["training"] == {"step": [10, 20], "loss": [5.0, 4.0], "lr": [1e-3, 1e-3], "gate_open": [9, 7],
+                               "knn_step": [0, 20], "knn_top1": [25.0, 50.0]}
+    assert res["tsne"]["groups"] == [["red_square", "red_triangle", "red_cross"],
+                                     ["green_circle", "blue_circle", "yellow_circle"]]
+    assert res["tsne"]["points"] == 60 and set(res["tsne"]["panels"]) == {"global", "subspace"}
+    assert [(p["y1"], p["y2"]) for p in res["clam"]["pairs"]] == [tuple(p) for p in ev.SYNTHETIC_PAIRS]
+    assert all(set(p["score"]) == {"global", "y1", "y2"} and 0 < p["mask_area"] < 1 for p in res["clam"]["pairs"])
+    assert set(res["class_similarity"]["correlation"]) == {"gates vs features", "gates vs labels", "features vs labels"}
+    sizes = {"fig3b_spectrum.png": (300, 560), "fig4_similarity.png": (300, 440), "fig5_tsne.png": (380, 900),
+             "fig6_clam.png": (6 * 48, 5 * 48), "fig9_gates.png": (16 * 12, 32 * 4),
+             "fig12_class_similarity.png": (16 * 14, 3 * 16 * 14), "training.png": (600, 880)}
+    assert set(res["figures"]) == set(sizes)
+    for name, size in sizes.items():
+        figure_is_drawn(out / name, size)
+    assert res["gates"]["pictures"]["gates"] == str(out / "fig9_gates.png")
+    report = (out / "report.md").read_text()
+    assert all(f"]({name})" in report for name in sizes)
+    assert f"| knn/k=10 T=0.07 | {ev.fmt(res['knn']['k=10 T=0.07'])} |" in report
+    # a second run, numbers only (supcon: no filter, so no gates), then both side by side
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    os.makedirs(tmp_path / "supcon")
+    torch.save({**ckpt, "args": {**a, "method": "supcon"}}, tmp_path / "supcon" / "checkpoint.pt")
+    other = ev.main(["--checkpoint", str(tmp_path / "supcon" / "checkpoint.pt"), *EVAL_TINY])
+    assert "gates" not in other and "figures" not in other and not os.path.exists(tmp_path / "supcon" / "report.md")
+    with pytest.raises(simlap.UserError, match="overwritten"):  # its report.md would replace the run's own
+        ev.main(["--compare", str(out), str(tmp_path / "supcon"), "--output-dir", str(out)])
+    both = ev.main(["--compare", str(out), str(tmp_path / "supcon" / "eval.json"), "--output-dir", str(tmp_path / "c")])
+    stored = json.load(open(tmp_path / "c" / "compare.json"))
+    for name, folder in (("simlap", out), ("supcon", tmp_path / "supcon")):
+        numbers = dict(ev.numbers(json.load(open(folder / "eval.json"))))
+        assert {k: v[name] for k, v in stored["values"].items() if name in v} == numbers  # every number, exactly
+    table = (tmp_path / "c" / "report.md").read_text()
+    for key in ("knn/k=10 T=0.07", "linear_probe/test_top1", "similarity/overlap"):
+        row = f"| {key} | {ev.fmt(res[key.split('/')[0]][key.split('/')[1]])} | "
+        assert row + f"{ev.fmt(other[key.split('/')[0]][key.split('/')[1]])} |" in table
+    assert "| gates/mean_open_dims | " + ev.fmt(res["gates"]["mean_open_dims"]) + " | – |" in table
+    assert set(both["figures"]) == {"compare_spectra.png", "compare_similarity.png", "compare_training.png"}
+    for name in both["figures"]:
+        figure_is_drawn(tmp_path / "c" / name, (300, 440))
 
 
 # ----------------------------------------------------------------------------------------------- loading, CLI
@@ -1385,8 +1548,8 @@ def test_eval_backbone_geometry_is_inferred(tmp_path, weights):
 
 def test_eval_end_to_end(tmp_path, weights):
     cache = str(tmp_path / "feats.pt")
-    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY,
-           "--k", "5", "--output-dir", str(tmp_path), "--cache-features", cache]
+    cmd = [sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(weights / "checkpoint.pt"),
+           *EVAL_FIGURES, "--clam-pairs", "0,1", "--k", "5", "--output-dir", str(tmp_path), "--cache-features", cache]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.load(open(tmp_path / "eval.json"))
@@ -1397,7 +1560,8 @@ def test_eval_end_to_end(tmp_path, weights):
     assert set(res["collapse"]) == {"backbone", "projector"}
     assert len(res["collapse"]["projector"]["singular_values"]) == 32  # min(N, D)
     assert len(res["gates"]["open_dims"]) == 16 and "overlap_shared_attribute" in res["gates"]
-    assert torchvision.io.decode_image(res["gates"]["pictures"]["gates"]).shape[-2:] == (16 * 8, 32 * 4)
+    assert set(res["figures"]) >= {"fig6_clam.png", "fig9_gates.png"}  # a ResNet's heat maps: from layer4
+    assert all(os.path.exists(path) for path in [*res["figures"].values(), tmp_path / "report.md"])
     # a second run reads the cached features and gives the same numbers
     again = ev.main(["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--k", "5", "--output-dir",
                      str(tmp_path / "again"), "--cache-features", cache])
@@ -1411,8 +1575,11 @@ def test_eval_skips_gates_of_a_method_without_filter(tmp_path, weights):
     """The other side of test_eval_end_to_end (simlap: gates analysed): supcon-arbitrary trains no filter."""
     ckpt = torch.load(weights / "checkpoint.pt", weights_only=True)
     torch.save({**ckpt, "args": {**ckpt["args"], "method": "supcon-arbitrary"}}, tmp_path / "ckpt.pt")
-    res = ev.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *EVAL_TINY, "--k", "5", "--output-dir", str(tmp_path)])
-    assert "gates" not in res and "knn" in res and not os.path.exists(tmp_path / "gates.png")
+    res = ev.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *EVAL_FIGURES, "--clam-pairs", "0,1", "--k", "5",
+                   "--output-dir", str(tmp_path)])
+    assert "gates" not in res and "knn" in res and not os.path.exists(tmp_path / "fig9_gates.png")
+    assert "subspace" not in res["tsne"]["panels"] and "correlation" not in res["class_similarity"]
+    assert all(set(p["score"]) == {"global"} for p in res["clam"]["pairs"])  # CLAM: the global column only
 
 
 def bad_inputs(tmp_path, weights):
@@ -1424,6 +1591,7 @@ def bad_inputs(tmp_path, weights):
         torchvision.io.write_png(torch.zeros(3, 4, 4, dtype=torch.uint8), png)
     os.makedirs(tmp_path / "empty")
     ckpt, backbone = str(weights / "checkpoint.pt"), str(weights / "backbone.pt")
+    few = ["--synthetic-per-class", "10"]  # the data set is loaded before the classes are looked up
     return {"missing checkpoint": ["--checkpoint", str(tmp_path / "nope.pt")],
             "corrupt checkpoint": ["--checkpoint", str(tmp_path / "garbage.pt")],
             "not a checkpoint": ["--checkpoint", str(tmp_path / "other.pt")],
@@ -1432,7 +1600,12 @@ def bad_inputs(tmp_path, weights):
             "missing split": ["--checkpoint", ckpt, "--dataset", "imagefolder", "--data", str(tmp_path / "folder")],
             "missing data": ["--checkpoint", ckpt, "--dataset", "cifar10", "--data", str(tmp_path / "empty")],
             "no data root": ["--checkpoint", ckpt, "--dataset", "cifar10"],
-            "k above bank": ["--checkpoint", ckpt, "--synthetic-per-class", "1", "--k", "20"]}
+            "k above bank": ["--checkpoint", ckpt, "--synthetic-per-class", "1", "--k", "20"],
+            "unknown class": ["--checkpoint", ckpt, *few, "--groups", "red_circle", "purple_blob"],
+            "pair outside the groups": ["--checkpoint", ckpt, *few, "--groups", "0,1", "2,3", "--pair", "2", "0"],
+            "half a CLAM pair": ["--checkpoint", ckpt, *few, "--clam-pairs", "red_circle"],
+            "compare: no eval.json": ["--compare", str(tmp_path / "empty")],
+            "compare and weights": ["--compare", str(tmp_path / "empty"), "--checkpoint", ckpt]}
 
 
 def test_eval_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys):

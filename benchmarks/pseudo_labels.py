@@ -84,7 +84,7 @@ def run(args, method, labels, seed, label_file=None):
         train_s = time.time() - tic
         cluster = ["--kmeans", str(args.clusters), "--kmeans-iters", str(args.kmeans_iters)] if labels == "none" else []
         res = evaluation.main(["--checkpoint", os.path.join(out_dir, "checkpoint.pt"), "--workers", str(args.workers),
-                               "--probe-iters", str(args.probe_iters), *cluster])
+                               "--probe-iters", str(args.probe_iters), "--no-figures", *cluster])
     row = {"method": method, "labels": labels, "seed": seed, "train_s": train_s, "eval_s": time.time() - tic - train_s,
            "knn10": res["knn"]["k=10 T=0.07"], "knn20": res["knn"]["k=20 T=0.07"],
            "probe": res["linear_probe"]["test_top1"]}

@@ -92,6 +92,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
+import plot  # noqa: E402
 import simlap  # noqa: E402
 import train  # noqa: E402
 from common import add_output_flags, machine_info, run_child, write_json  # noqa: E402  (benchmarks/common.py)
@@ -180,7 +181,7 @@ def pseudo_labels(args, seed):
     if not os.path.exists(path):
         with contextlib.redirect_stdout(sys.stderr):
             evaluation.main(["--checkpoint", os.path.join(source, "checkpoint.pt"), "--kmeans", str(K),
-                             "--kmeans-seed", str(seed), "--workers", "0", "--device", "cpu"])
+                             "--kmeans-seed", str(seed), "--workers", "0", "--device", "cpu", "--no-figures"])
     return path
 
 
@@ -387,13 +388,8 @@ def markdown(summ, claims):
 
 
 # ----------------------------------------------------------------------------------------------- figure
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (0, 0, 0), (100, 100, 255))
-
-
-def draw_curves(rows, png, cases, width=760, height=440):
-    """kNN (mean over seeds) against training step, one line per case, with PIL (torchvision's dependency)."""
-    from PIL import Image, ImageDraw
+def draw_curves(rows, png, cases):
+    """kNN (mean over seeds) against training step, one line per case (plot.py, the drawing eval.py uses too)."""
     curves = {}
     for case in cases:
         runs = [r["knn_curve"] for r in rows if r["case"] == case and r["knn_curve"]]
@@ -401,71 +397,26 @@ def draw_curves(rows, png, cases, width=760, height=440):
             curves[case] = [(c[0][0], statistics.mean(x[1] for x in c)) for c in zip(*runs)]
     if not curves:
         return None
-    steps = [p[0] for c in curves.values() for p in c]
-    accs = [p[1] for c in curves.values() for p in c]
-    x0, x1, y0, y1 = 60, width - 190, height - 40, 20  # plot box in pixels
-    lo, hi = 10 * (min(accs) // 10), 10 * (max(accs) // 10 + 1)
-    px = lambda s: x0 + (x1 - x0) * s / max(steps)  # noqa: E731
-    py = lambda a: y0 + (y1 - y0) * (a - lo) / (hi - lo)  # noqa: E731
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    for a in range(int(lo), int(hi) + 1, 10 if hi - lo > 30 else 5):
-        d.line([(x0, py(a)), (x1, py(a))], fill=(225, 225, 225))
-        d.text((x0 - 30, py(a) - 6), f"{a}%", fill="black")
-    for i in range(5):
-        s = round(max(steps) * i / 4)
-        d.text((px(s) - 10, y0 + 6), str(s), fill="black")
-    d.rectangle([x0, y1, x1, y0], outline="black")
-    d.text(((x0 + x1) // 2 - 60, height - 18), "training step", fill="black")
-    d.text((x0, 4), "seen-class kNN top-1 (train.py's monitor, mean over seeds)", fill="black")
-    for i, (case, c) in enumerate(curves.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        d.line([(px(s), py(a)) for s, a in c], fill=colour, width=2)
-        d.line([(x1 + 12, y1 + 8 + 18 * i), (x1 + 32, y1 + 8 + 18 * i)], fill=colour, width=3)
-        d.text((x1 + 38, y1 + 2 + 18 * i), case, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    img.save(png)
-    return png
+    return plot.save(plot.lines([(case, [s for s, _ in c], [a for _, a in c]) for case, c in curves.items()],
+                                "seen-class kNN top-1 (train.py's monitor, mean over seeds)", "training step",
+                                "kNN top-1 %", size=(580, 440)), png)
 
 
 def draw_gate_overlap(rows, png, cases, names, per_row=3):
     """The seen classes' K x K gate overlap (eval.py's, Fig. 12: the cosine of two classes' binarised gates), mean
-    over seeds, one panel per case that has gates, class names on both axes and each cell's value in it (PIL)."""
-    from PIL import Image, ImageDraw
-    panels = {}
+    over seeds, one labelled panel per case that has gates."""
+    panels = []
     for case in cases:
         mats = [torch.tensor(r["gate_matrix"]) for r in rows if r["case"] == case and "gate_matrix" in r]
         if mats:
-            panels[case] = (torch.stack(mats).mean(0), len(mats))
+            panels.append(plot.heatmap(torch.stack(mats).mean(0), f"{case}: mean of {len(mats)} seed(s)", names,
+                                       names, lo=0, hi=1, cell=(30, 30)))
     if not panels:
         return None
-    K, cell = len(names), max(30, min(44, 360 // len(names)))
-    width = lambda text: ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text)[2]  # noqa: E731
-    margin = max(map(width, names)) + 10  # the row names on the left, the column names (turned) on top
-    side, cols = margin + K * cell + 20, min(per_row, len(panels))
-    img = Image.new("RGB", (cols * side + 10, -(-len(panels) // cols) * (side + 30) + 20), "white")
-    d = ImageDraw.Draw(img)
-    for p, (case, (m, n)) in enumerate(panels.items()):
-        left, top = 10 + (p % cols) * side, (p // cols) * (side + 30)
-        x0, y0 = left + margin, top + 30 + margin
-        d.text((left, top + 8), f"{case}: gate overlap, mean of {n} seed{'s' * (n > 1)}", fill="black")
-        for i, name in enumerate(names):
-            d.text((x0 - width(name) - 6, y0 + i * cell + cell // 2 - 6), name, fill="black")
-            label = Image.new("RGB", (width(name) + 2, 14), "white")
-            ImageDraw.Draw(label).text((0, 0), name, fill="black")
-            label = label.rotate(90, expand=True)
-            img.paste(label, (x0 + i * cell + cell // 2 - 7, y0 - label.height - 6))
-            for j in range(K):
-                v = float(m[i, j].clamp(0, 1))
-                box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell, y0 + (i + 1) * cell]
-                d.rectangle(box, fill=tuple(round(255 + (c - 255) * v) for c in PALETTE[0]), outline="white")
-                d.text((box[0] + cell // 2 - 11, box[1] + cell // 2 - 6), f"{v:.2f}",
-                       fill="white" if v > 0.5 else "black")
-    d.text((10, img.height - 16), "cosine of two classes' binarised gates: 1 = the same open dimensions, 0 = none "
-           "shared", fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    img.save(png)
-    return png
+    return plot.save(plot.panels(panels, "gate overlap: cosine of two classes' binarised gates (1 = the same open "
+                                 "dimensions, 0 = none shared)", columns=per_row), png)
 
 
 def class_names(args, classes):
