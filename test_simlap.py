@@ -1,4 +1,4 @@
-"""Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only, about 1-2 minutes on 2 cores).
+"""Tests for simlap. Run: python -m pytest -q test_simlap.py  (CPU only; its time: benchmarks/README.md).
 Every test compares against a slow obviously-correct reference, a closed form, or a second code path."""
 import argparse
 import copy
