@@ -206,6 +206,9 @@ def panels(images, title="", columns=None):
 
 
 def save(img, path):
-    """The image as a PNG at path, written atomically -> path."""
+    """The image as a PNG at path, written atomically -> path. One with more than 256 colours (photos under heat
+    maps) is stored with a 256-colour palette of its own: a third of the bytes, at the cost of merging close shades."""
+    if img.getcolors(256) is None:
+        img = img.quantize(256)
     simlap.save_atomic(img, path, save=lambda im, p: im.save(p, format="PNG", optimize=True))
     return path

@@ -1450,8 +1450,9 @@ def test_tsne_keeps_separated_clusters_apart_and_is_seeded():
     a = ev.tsne(x, perplexity=15, iters=400, seed=1)
     near = torch.cdist(a, a).fill_diagonal_(math.inf).topk(5, largest=False).indices  # 5 nearest in the map
     assert (y[near].mode(1).values == y).float().mean() >= 0.98
-    assert torch.equal(a, ev.tsne(x, perplexity=15, iters=400, seed=1))
-    assert not torch.equal(a, ev.tsne(x, perplexity=15, iters=400, seed=2))
+    short = ev.tsne(x, perplexity=15, iters=30, seed=1)  # the same seed, the same map; another seed, another
+    assert torch.equal(short, ev.tsne(x, perplexity=15, iters=30, seed=1))
+    assert not torch.equal(short, ev.tsne(x, perplexity=15, iters=30, seed=2))
     sep = ev.pair_separation(a, y, 0, 1)  # centre distance over the mean distance to the own centre, by hand
     c0, c1 = a[y == 0].mean(0), a[y == 1].mean(0)
     spread = torch.cat([(a[y == 0] - c0).norm(dim=1), (a[y == 1] - c1).norm(dim=1)]).mean()
