@@ -330,9 +330,10 @@ def pair_separation(x, labels, a, b):
 def fig5_embedding(z, labels, groups, pair, gates=None, max_points=2000, seed=0):
     """Fig. 5: t-SNE of the projections z (N, D) of the samples of two groups of classes (lists of class ids) in the
     global space (z / ‖z‖) and, given gates = g(y1, y2) (D,) of `pair` (eq. 3), in that pair's subspace
-    (g ⊙ z / ‖g ⊙ z‖, what eq. 2 compares). At most max_points samples, a seeded subset beyond. -> (numbers,
-    {panel: (map (M, 2), labels (M,))}); the numbers hold how far apart the pair's classes sit (pair_separation) in
-    each 2-D map and in the space itself, since t-SNE keeps neighbourhoods rather than distances."""
+    (g ⊙ z / ‖g ⊙ z‖, what eq. 2 compares; the paper says "features", but only projections have a subspace). At
+    most max_points samples, a seeded subset beyond. -> (numbers, {panel: (map (M, 2), labels (M,))}); the numbers
+    hold how far apart the pair's classes sit (pair_separation) in each 2-D map and in the space itself, since
+    t-SNE keeps neighbourhoods rather than distances."""
     keep = torch.isin(labels, torch.tensor(groups[0] + groups[1])).nonzero().squeeze(1)
     if len(keep) > max_points:
         keep = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))[:max_points].sort()[0]]
