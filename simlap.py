@@ -1182,6 +1182,7 @@ def cli(main, prog, argv=None, cleanup=None):
     its message is empty) and its exit code; cleanup() runs first."""
     try:
         main(argv)
+        return
     except UserError as e:
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short: cleared, not left on the line
@@ -1189,9 +1190,12 @@ def cli(main, prog, argv=None, cleanup=None):
             bar.close()
         if str(e):  # empty: another process of the run (rank 0) says it
             print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
-        if cleanup:
-            cleanup()
-        sys.exit(e.exit_code)
+        code = e.exit_code
+    # Exit outside the except block: a SystemExit raised inside it would chain the UserError, whose traceback keeps
+    # main's frames alive, and with them a DataLoader whose worker processes then outlive the run (and hang its exit).
+    if cleanup:
+        cleanup()
+    sys.exit(code)
 
 
 def save_atomic(obj, path, save=None):
