@@ -662,7 +662,8 @@ def build_parser():
                    help="eval image size (default: the checkpoint's; for a bare backbone 32 with the small-image "
                         "stem, else 224; a ViT's own size)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="feature extraction batch (default: 256)")
-    p.add_argument("--workers", type=nonneg_int, default=4, help="data loader workers (default: 4)")
+    p.add_argument("--workers", type=nonneg_int, default=min(4, len(os.sched_getaffinity(0))),
+                   help="data loader workers (default: 4, or the number of CPUs if fewer)")
     p.add_argument("--k", type=positive_int, default=simlap.KNN_K,
                    help=f"kNN neighbours; k={PAPER_K} is always reported too (default: {simlap.KNN_K})")
     p.add_argument("--temperature", type=positive_float, default=simlap.KNN_T,
@@ -1233,9 +1234,8 @@ def write_report(out_dir, title, header, table, figures):
     return path
 
 
-def save_text(text, path):
-    with open(path, "w") as f:
-        f.write(text)
+def save_text(text, f):
+    f.write(text.encode())
 
 
 def run_report(res, out_dir):

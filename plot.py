@@ -210,5 +210,5 @@ def save(img, path):
     maps) is stored with a 256-colour palette of its own: a third of the bytes, at the cost of merging close shades."""
     if img.getcolors(256) is None:
         img = img.quantize(256)
-    simlap.save_atomic(img, path, save=lambda im, p: im.save(p, format="PNG", optimize=True))
+    simlap.save_atomic(img, path, save=lambda im, f: im.save(f, format="PNG", optimize=True))
     return path

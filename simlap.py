@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import warnings
 from typing import NamedTuple
@@ -477,10 +478,27 @@ def gather(x, with_grad=False):
     if world_size() == 1:
         return x
     if with_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x))
+        return _GatherWithGrad.apply(x)
     out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x)
+    dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and keeps this rank's rows (what
+    torch.distributed.nn.functional.all_gather computes; that one is deprecated and warns on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
 
 
 def autocast_dtype(device):
@@ -1049,13 +1067,26 @@ def extract_features(backbone, loader, device, desc=None):
     from tqdm import tqdm
     was_training = backbone.training
     backbone.eval()
-    feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, disable=desc is None or rank() != 0, leave=False):
-        with torch.autocast(device.type, autocast_dtype(device), enabled=device.type == "cuda"):
-            feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(y))
+    feats, labels, batches = [], [], iter(loader)
+    try:
+        for x, y in tqdm(batches, desc=desc, disable=desc is None or rank() != 0, leave=False):
+            with torch.autocast(device.type, autocast_dtype(device), enabled=device.type == "cuda"):
+                feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        stop_workers(batches)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def stop_workers(batches):
+    """Shut the worker processes of a DataLoader's iterator (or of a loader's persistent one) down now; a no-op
+    without workers. Python does it when the iterator is freed, but an error's traceback can keep the iterator alive
+    until exit, where multiprocessing then waits for workers that ignore SIGTERM (train.py): the run never ends."""
+    batches = getattr(batches, "_iterator", batches)  # a loader with persistent workers keeps its iterator
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean shutdown of the iterator's workers
+    if shutdown is not None:
+        shutdown()
 
 
 KNN_K, KNN_T = 20, 0.07  # the weighted kNN's neighbours and vote temperature (Wu et al. 2018; DINO)
@@ -1088,7 +1119,6 @@ def knn_classify(train_feats, train_labels, test_feats, k=KNN_K, T=KNN_T, num_cl
     return torch.cat(preds)
 
 
-@torch.no_grad()
 # ----------------------------------------------------------------------------------------------- command line
 def ranged(kind, low, high=None, low_open=False, high_open=False):
     """argparse type= for an int or float (kind) in a range. Every numeric flag of train.py and eval.py takes one
@@ -1135,21 +1165,54 @@ def trained_classes(train_args):
 
 
 def load_tensors(path):
-    """torch.load(path, weights_only=True) on the CPU; ValueError with one line saying why not. A pickle that
-    carries code or objects other than tensors and plain containers is refused by weights_only and is not loaded:
-    torch's own message suggests retrying with weights_only=False, which must never be done with an untrusted file,
-    so it is not quoted."""
+    """torch.load(path, weights_only=True) on the CPU; ValueError with one line saying why not. A file written with a
+    checksum (train.py's checkpoints) must still match it. A pickle that carries code or objects other than tensors
+    and plain containers is refused by weights_only and is not loaded: torch's own message suggests retrying with
+    weights_only=False, which must never be done with an untrusted file, so it is not quoted."""
     try:
         with warnings.catch_warnings():  # e.g. torch's multi-line note on the pickle protocol
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails in many ways (bad zip, unpickling, EOF): all mean "not loadable"
         text = " ".join(str(e).split()) or type(e).__name__
         if "weights_only" in text:
             found = re.search(r"GLOBAL (\S+)", text)
             raise ValueError("contains pickled code/objects" + (f" ({found[1]})" if found else "") +
                              " that weights_only loading refuses; it was not loaded") from None
-        raise ValueError(f"cannot be loaded (corrupt or not a torch file): {text[:200]}") from None
+        raise ValueError(f"cannot be loaded: it is truncated, corrupt or not a torch file ({text.split('. ')[0]})"
+                         ) from None
+    if isinstance(obj, dict) and "checksum" in obj and obj["checksum"] != checksum(obj):
+        raise ValueError("is corrupt: its contents do not match the checksum written with it")
+    return obj
+
+
+def checksum(obj):
+    """sha256 of a checkpoint's contents (every tensor's dtype, shape and bytes, every other value's repr, in order),
+    its own "checksum" key left out. Written into the file and compared when it is loaded (load_tensors): bytes that
+    changed on disk are refused, never trained on."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k, v in x.items():
+                if not (x is obj and k == "checksum"):
+                    visit(k), visit(v)
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                visit(v)
+            h.update(b"]")
+        else:
+            h.update(f"{x!r};".encode())
+
+    visit(obj)
+    return h.hexdigest()
 
 
 class UserError(Exception):
@@ -1177,38 +1240,117 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class CannotWrite(UserError):
+    """A file that cannot be written (no space left, no permission): the file it would replace is kept."""
+
+
+class PeerFailed(UserError):
+    """Another process of a multi-process run stopped (its line, or torchrun's report, says why), so a collective of
+    this one failed: exit code 1, and no line of its own."""
+    exit_code = 1
+
+    @staticmethod
+    def caused(e):
+        """Whether exception `e` is a collective failing because a peer is gone: the error NCCL (and a process group's
+        timeout) raise, or gloo's lost connection."""
+        return world_size() > 1 and (isinstance(e, getattr(dist, "DistError", ())) or isinstance(e, RuntimeError) and
+                                     any(w in str(e) for w in ("closed by peer", "reset by peer", "Broken pipe")))
+
+
 def cli(main, prog, argv=None, cleanup=None):
     """Run main(argv) as the command `prog`: a UserError becomes one line '<prog>: error: ...' on stderr (none if
-    its message is empty) and its exit code; cleanup() runs first."""
+    its message is empty) and its exit code; Ctrl-C (KeyboardInterrupt) one line and exit code 130; a collective
+    that fails because another process of the run stopped, exit code 1 and no line. cleanup() runs first."""
     try:
         main(argv)
         return
-    except UserError as e:
+    except (UserError, KeyboardInterrupt, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not PeerFailed.caused(e):
+            raise  # a bug: its traceback
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short: cleared, not left on the line
             bar.leave = False
             bar.close()
+        if isinstance(e, KeyboardInterrupt):
+            e = UserError("interrupted (Ctrl-C)")
+            e.exit_code = 130
+        elif isinstance(e, RuntimeError):
+            e = PeerFailed("")
         if str(e):  # empty: another process of the run (rank 0) says it
             print(f"{prog}: {e.prefix}{one_line(e)}", file=sys.stderr)
         code = e.exit_code
-    # Exit outside the except block: a SystemExit raised inside it would chain the UserError, whose traceback keeps
-    # main's frames alive, and with them a DataLoader whose worker processes then outlive the run (and hang its exit).
+    # Exit outside the except block: a SystemExit raised inside it would chain the error, whose traceback keeps
+    # main's frames alive, and with them DataLoader worker processes (stop_workers and end_workers see to those).
     if cleanup:
         cleanup()
+    end_workers()
     sys.exit(code)
 
 
-def save_atomic(obj, path, save=None):
-    """save(obj, a temp file) (default torch.save), then os.replace: a crash mid-write leaves the previous file."""
+def end_workers(grace=10.0):
+    """Before exit: data loader workers that an error path left running (no stop_workers) get `grace` seconds to end
+    on their own, then SIGKILL. train.py's workers ignore SIGTERM (so that a scheduler's signal reaches only the
+    main process), and multiprocessing would otherwise wait for them at exit forever."""
+    import gc
+    import multiprocessing
+    import signal
+    import time
+    gc.collect()  # frees iterators that only an error's reference cycle still held: they shut their workers down
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as a failure
+    deadline = time.time() + grace
+    for p in children:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def save_atomic(obj, path, save=None, keep_previous=False):
+    """save(obj, f) (default torch.save) into a temp file beside `path`, flushed to the disk (fsync), then os.replace:
+    a crash, a power loss or a full disk mid-write leaves the file that was there. keep_previous: that file stays
+    as PATH.prev (checkpoint.pt -> checkpoint.prev.pt), a hard link, so that `path` exists at every moment. A failed
+    write raises CannotWrite, in one line."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        (save or torch.save)(obj, tmp)
+        with open(tmp, "wb") as f:
+            (save or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            prev = previous(path)
+            if os.path.exists(prev):
+                os.remove(prev)
+            try:
+                os.link(path, prev)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, prev)
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself reaches the disk
+        finally:
+            os.close(folder)
+    except (OSError, RuntimeError) as e:
+        while e is not None and not isinstance(e, OSError):  # torch.save reports a failed write as a RuntimeError
+            e = e.__context__
+        if e is None:
+            raise
+        what = (e.strerror or str(e)).lower()
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise CannotWrite(f"cannot write {path}: {what}; {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f)
+def previous(path):
+    """checkpoint.pt -> checkpoint.prev.pt: where save_atomic(keep_previous=True) keeps the file it replaced."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def save_json(obj, f):
+    f.write(json.dumps(obj).encode())

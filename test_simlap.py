@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import statistics
@@ -953,7 +954,7 @@ def test_two_nodes_equal_one_stop_together_on_a_signal_and_refuse_unshared_check
     bit for bit, also when one node's launcher gets SIGTERM mid-run (as a scheduler would send it): its worker
     alone sees the signal, yet both ranks stop at one step (exit code 3), rank 0 checkpoints, and the same commands
     continue to the same end. Started with a checkpoint that one node sees and the other does not, both refuse, in
-    one line each, exit code 2, writing nothing."""
+    one line (from rank 0), exit code 2, writing nothing."""
     one_node, shared, other = tmp_path / "one-node", tmp_path / "shared", tmp_path / "other-disk"
     epochs, total = 3, 12
     codes, outs = finished([torchrun("--standalone", "--nproc-per-node", "2", out=one_node, epochs=epochs)])
@@ -975,12 +976,11 @@ def test_two_nodes_equal_one_stop_together_on_a_signal_and_refuse_unshared_check
                                                            "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                                            "MASTER_PORT": str(port)})
              for r, out in enumerate((shared, other))]  # each node's worker, as torchrun starts it
-    for p, out in zip(ranks, (shared, other)):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2 and err.splitlines() == [
-            f"train.py: error: the ranks would start from different steps: rank 0 on {socket.gethostname()} at step "
-            f"{stopped['step']} ({shared / 'checkpoint.pt'}); rank 1 on {socket.gethostname()} at step 0 (no "
-            f"checkpoint). --output-dir {out} must be one folder that every node sees (a shared file system)"], err
+    errs = [p.communicate(timeout=300)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [2, 2] and errs == [  # said once, by rank 0
+        f"train.py: error: the ranks would start from different steps: rank 0 on {socket.gethostname()} at step "
+        f"{stopped['step']} ({shared / 'checkpoint.pt'}); rank 1 on {socket.gethostname()} at step 0 (no "
+        f"checkpoint). --output-dir {shared} must be one folder that every node sees (a shared file system)\n", ""]
     assert (shared / "checkpoint.pt").read_bytes() == before and not other.exists()
     codes, outs = finished(two_nodes(torchrun, shared, shared, epochs))
     assert codes == [0, 0], outs
@@ -1028,7 +1028,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     simlap.save_atomic({"step": 1}, path)
 
     def broken_save(obj, f):
-        open(f, "wb").write(b"half a checkp")
+        f.write(b"half a checkp")
         raise KeyboardInterrupt  # the process dies mid-write
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -1128,11 +1128,6 @@ def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
     assert ckpt["model"]["filter.embed.weight"].shape[0] == 3
     res = ev.main(["--checkpoint", str(out / "checkpoint.pt"), *EVAL_TINY, "--synthetic-per-class", "4", "--k", "5"])
     assert res["num_train"] == 3 * 4 and res["num_test"] == 3 * 10  # per class: 4 train, at least 10 test
-    # a checkpoint of an older version names them synthetic_classes: evaluated on them just the same
-    old = {k: v for k, v in ckpt["args"].items() if k != "classes"}
-    torch.save({**ckpt, "args": {**old, "synthetic_classes": [5, 2, 9]}}, tmp_path / "old.pt")
-    again = ev.main(["--checkpoint", str(tmp_path / "old.pt"), *EVAL_TINY, "--synthetic-per-class", "4", "--k", "5"])
-    assert again["knn"] == res["knn"] and again["gates"]["gate_overlap"] == res["gates"]["gate_overlap"]
     # classes 5 = (1, 1), 2 = (0, 2), 9 = (2, 1): 5 and 9 share colour 1, 2 shares nothing with either
     _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
     sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
@@ -1982,43 +1977,191 @@ def test_tuned_probe_picks_the_l2_on_a_carved_validation_split():
         assert res["test_top1"] == ev.linear_probe(x, y, x_test, y_test, iters=20, weight_decay=expected)["test_top1"]
 
 
-def test_an_unreadable_image_stops_with_one_line_naming_it(tmp_path, weights, capsys):
-    """Truncated images met by train.py's loader (in worker processes), a stray file that is no image met by its kNN
-    monitor and by eval.py (in the main process and in workers): one line naming the file, exit 2, never skipped, and
-    train.py's last checkpoint untouched."""
+# A failed run ends: every error path runs here as users run it, in its own process with 2 loader workers (the default),
+# under a time limit that fails the test instead of hanging the suite, and leaves no process behind.
+FAULT_RUN = ["--dataset", "imagefolder", "--arch", "convnet", "--image-size", "8", "--batch-size", "10", "--epochs", "2",
+             "--proj-hidden", "32", "--proj-dim", "16", "--log-every", "1", "--workers", "2"]
+
+
+def session(sid):
+    """The pids of the processes still alive in session `sid` (a command started with start_new_session: its loader
+    workers and ranks too, even once orphaned)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except (OSError, ValueError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if fields[3] == str(sid) and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def run_to_end(cmd, timeout=90, signal_after=None, env=None):
+    """Run `cmd` (a list) in a session of its own -> (exit code, stderr lines). Fails if it has not ended within
+    `timeout` s or leaves a process behind (all are killed either way). signal_after=(path, signal): once the file
+    `path` has grown by a line, the signal goes to the whole process group, as Ctrl-C in a terminal sends it."""
+    lines = lambda path: len(path.read_text().splitlines()) if path.exists() else 0  # noqa: E731
+    before = lines(signal_after[0]) if signal_after else 0
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        if signal_after:
+            deadline = time.time() + timeout
+            while lines(signal_after[0]) == before:
+                assert p.poll() is None and time.time() < deadline, p.communicate()
+                time.sleep(0.05)
+            os.killpg(p.pid, signal_after[1])
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(map(str, cmd[:3]))} ... did not end within {timeout} s")
+        time.sleep(0.5)  # a process that outlived the command would still be here
+        left = session(p.pid)
+        assert not left, f"processes left behind: {left}"
+        return p.returncode, [line for line in err.replace("\r", "\n").split("\n") if line.strip()]
+    finally:
+        for pid in session(p.pid):
+            os.kill(pid, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def last_line(err):
+    """The one line of an error, after the progress bars it cleared; no traceback, no warning."""
+    assert not any("Traceback" in line or "Warning" in line for line in err), err
+    return err[-1].strip()
+
+
+@pytest.fixture
+def faulty(tmp_path):
+    """An ImageFolder (2 classes x 10) and a run on it stopped after its first step -> (data, run, checkpoint bytes)."""
     data, run = tmp_path / "data", tmp_path / "run"
     image_folder(data / "train", "ab", per_class=10)  # the kNN monitor needs 20
     image_folder(data / "val", "ab", per_class=2)
-    flags = ["--dataset", "imagefolder", "--data", str(data), "--arch", "convnet", "--image-size", "8", "--batch-size",
-             "10", "--epochs", "1", "--proj-hidden", "32", "--proj-dim", "16", "--output-dir", str(run)]
-    train.main([*flags, "--knn-every", "0", "--workers", "0", "--stop-after", "1"])
-    checkpoint = (run / "checkpoint.pt").read_bytes()
+    train.main([*FAULT_RUN, "--data", str(data), "--output-dir", str(run), "--stop-after", "1"])
+    return data, run, (run / "checkpoint.pt").read_bytes()
 
-    def refused(cli, argv, expected):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit:
-            cli(argv)
-        err = capsys.readouterr().err  # after the progress bars (cleared), one line
-        assert exit.value.code == 2 and "Traceback" not in err and err.count("error") == 1, err
-        assert err.replace("\r", "\n").rstrip("\n").split("\n")[-1].startswith(expected.rstrip("\n")), (expected, err)
 
+def test_an_unreadable_image_ends_every_process_with_one_line(faulty, tmp_path, weights):
+    """Truncated images in train/ (met by the loader workers of 1 process, and of one of 2 torchrun ranks), a stray
+    file that is no image in val/ (met by the kNN monitor, and by eval.py): one line naming the file, exit code 2
+    (torchrun: 1, whatever its workers return), every process ended, the last checkpoint untouched."""
+    data, run, checkpoint = faulty
+    argv = [sys.executable, os.path.join(HERE, "train.py"), *FAULT_RUN, "--data", str(data), "--output-dir", str(run)]
     intact = {f: f.read_bytes() for f in (data / "train" / "b").iterdir()}
-    for f, png in intact.items():  # every b truncated: the step left to train certainly meets one
+    for f, png in intact.items():  # every b truncated: the next step certainly meets one
         f.write_bytes(png[: len(png) // 2])
-    # In-process runs use no loader workers: a worker that died on a bad image keeps this process from exiting.
-    refused(train.cli, [*flags, "--knn-every", "0", "--workers", "0"],
-            f"train.py: error: cannot read image {data / 'train' / 'b'}{os.sep}")
+    code, err = run_to_end([*argv, "--knn-every", "0"])
+    assert code == 2 and last_line(err).startswith(f"train.py: error: cannot read image {data / 'train' / 'b'}{os.sep}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv[1:],
+                "--knn-every", "0", "--batch-size", "4", "--output-dir", str(tmp_path / "ranks")]
+    code, err = run_to_end(torchrun)
+    said = [line[line.index("train.py:"):] for line in err if "train.py:" in line]  # torchrun adds its report
+    assert code == 1 and len(said) == 1 and said[0].startswith("train.py: error: cannot read image "), err
     for f, png in intact.items():
         f.write_bytes(png)
     stray = data / "val" / "a" / "notes.jpg"
     stray.write_text("not an image")
-    line = f"error: cannot read image {stray} (not an image PIL can identify); replace or remove the file\n"
-    refused(train.cli, [*flags, "--knn-every", "1", "--workers", "0"], f"train.py: {line}")  # the monitor, at step 2
+    line = f"error: cannot read image {stray} (not an image PIL can identify); replace or remove the file"
+    code, err = run_to_end([*argv, "--knn-every", "1"])  # the monitor, at the end of the first epoch
+    assert code == 2 and last_line(err) == f"train.py: {line}"
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
-    for how in (["--dataset", "imagefolder", "--workers", "0"], ["--transfer", "imagefolder", "--workers", "0"]):
-        refused(ev.cli, ["--checkpoint", str(weights / "checkpoint.pt"), *EVAL_TINY, "--data", str(data), "--k", "5",
-                         *how], f"eval.py: {line}")
-    assert not {"eval.json", "transfer.json"} & set(os.listdir(weights))
+    code, err = run_to_end([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint",
+                            str(weights / "checkpoint.pt"), "--image-size", "16", "--probe-iters", "20", "--data",
+                            str(data), "--dataset", "imagefolder", "--k", "5", "--no-figures", "--output-dir",
+                            str(tmp_path / "eval")])  # its default --workers
+    assert code == 2 and last_line(err) == f"eval.py: {line}" and not (tmp_path / "eval").exists()
+
+
+NAN_LOSS = "import runpy, sys, simlap, torch; simlap.simlap_loss = lambda *a, **k: torch.tensor(float('nan'), " \
+           "requires_grad=True); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def test_ctrl_c_a_nonfinite_loss_and_a_corrupt_checkpoint_end_with_one_line(faulty):
+    """Ctrl-C (SIGINT to the process group) checkpoints the step it finished, exit code 3; a non-finite loss stops
+    with exit code 1, the checkpoint untouched; a checkpoint whose bytes changed on disk, or that was cut short, is
+    refused by train.py and eval.py, named and kept, and the message says how to resume from the one before it."""
+    data, run, _ = faulty
+    argv = [os.path.join(HERE, "train.py"), *FAULT_RUN, "--data", str(data), "--output-dir", str(run),
+            "--knn-every", "0", "--epochs", "1000"]
+    code, err = run_to_end([sys.executable, *argv], signal_after=(run / "log.jsonl", signal.SIGINT))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert code == 3 and last_line(err) == (f"train.py: stopped by SIGINT at step {ckpt['step']} of 2000, "
+                                            f"{run / 'checkpoint.pt'} written; run the same command again to "
+                                            "continue (exit code 3)") and ckpt["step"] > 1
+    prev = torch.load(run / "checkpoint.prev.pt", weights_only=True)["step"]
+    assert prev < ckpt["step"]
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    code, err = run_to_end([sys.executable, "-c", NAN_LOSS, *argv])
+    assert code == 1 and last_line(err) == (f"train.py: loss is not finite at step {ckpt['step']}; stopped, the last "
+                                            "checkpoint is untouched (try a lower --base-lr or a longer "
+                                            "--warmup-epochs)")
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    middle = len(checkpoint) // 2  # a flipped byte inside the weights: torch.load itself does not notice
+    for damaged, why in ((checkpoint[:middle] + bytes([checkpoint[middle] ^ 1]) + checkpoint[middle + 1:],
+                          "is corrupt: its contents do not match the checksum written with it"),
+                         (checkpoint[: len(checkpoint) // 3], "cannot be loaded: it is truncated, corrupt or not a "
+                          "torch file")):
+        (run / "checkpoint.pt").write_bytes(damaged)
+        code, err = run_to_end([sys.executable, *argv])
+        assert code == 2 and last_line(err).startswith(f"train.py: error: checkpoint {run / 'checkpoint.pt'} {why}")
+        assert last_line(err).endswith(f"it is left as it is. --resume {run / 'checkpoint.prev.pt'} continues from "
+                                       "the checkpoint before it")
+        assert (run / "checkpoint.pt").read_bytes() == damaged
+        with pytest.raises(simlap.UserError, match=re.escape(f"--checkpoint {run / 'checkpoint.pt'} {why}")):
+            ev.main(["--checkpoint", str(run / "checkpoint.pt")])
+    train.main([*argv[1:], "--resume", str(run / "checkpoint.prev.pt"), "--stop-after", "1"])
+    logged = log_records(run)
+    assert len(set(logged)) == len(logged) and max(logged)[0] == prev + 1, logged  # no step twice, none ahead
+
+
+def log_records(out):
+    """(step, epoch) of every record of out/log.jsonl: a step's record and its epoch's record differ in epoch."""
+    return [(r["step"], r.get("epoch")) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(faulty, tmp_path):
+    """No space left while the checkpoint is written (a small tmpfs; where mounting is not allowed, fsync raises
+    ENOSPC): one line, exit code 2, the last checkpoint and its predecessor as they were, no temp file, and a rerun
+    once there is space continues from it without logging a step twice."""
+    data, run, _ = faulty
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:  # root, and a container that allows it
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    try:
+        out = disk / "run"
+        argv = [sys.executable, os.path.join(HERE, "train.py"), *FAULT_RUN, "--data", str(data), "--output-dir",
+                str(out), "--knn-every", "0"]
+        assert run_to_end([*argv, "--stop-after", "1"])[0] == 0
+        before = {f: (out / f).read_bytes() for f in os.listdir(out) if f.endswith(".pt")}
+        if mounted:  # leave less room than one checkpoint takes
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "filler").write_bytes(bytes(free - len(before["checkpoint.pt"]) // 2))
+        else:
+            argv[1:1] = ["-c", "import errno, os, runpy, sys; os.fsync = lambda fd: (_ for _ in ()).throw(OSError("
+                               "errno.ENOSPC, os.strerror(errno.ENOSPC))); sys.argv = sys.argv[1:]; "
+                               "runpy.run_path(sys.argv[0], run_name='__main__')"]
+        code, err = run_to_end(argv)
+        assert code == 2 and last_line(err) == (f"train.py: error: cannot write {out / 'checkpoint.pt'}: no space left "
+                                                "on device; the previous one is kept"), err
+        assert {f: (out / f).read_bytes() for f in os.listdir(out) if ".pt" in f} == before
+        if mounted:
+            (disk / "filler").unlink()
+        else:
+            del argv[1:3]
+        code, err = run_to_end(argv)
+        assert code == 0, err
+        assert log_records(out) == [(1, 0), (2, 0), (2, 1), (3, 1), (4, 1), (4, 2)]  # (step, epoch): none twice
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)])
 
 
 # ----------------------------------------------------------------------------------------------- hardening

@@ -25,16 +25,17 @@ must see one --output-dir (a shared file system), else train.py refuses to start
         --rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500 train.py ...
 Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
 Preemption: on SIGTERM or SIGUSR1 (what schedulers send before they kill a job; SLURM: SIGTERM, or another signal with
---signal) every rank finishes its step, within --log-every steps all ranks agree to stop, rank 0 writes the checkpoint,
-and train.py exits with code 3 and the line "stopped by SIGTERM at step N ...; run the same command again to
-continue". Exit codes: 0 done (or --stop-after), 1 a non-finite loss, 2 a mistake in the command or its files, 3
-stopped by a signal. torchrun exits 1 whatever its workers' codes (its failure report names "exitcode: 3"); the last
+--signal) or Ctrl-C, every rank finishes its step, within --log-every steps all ranks agree to stop, rank 0 writes the
+checkpoint, and train.py exits with code 3 and the line "stopped by SIGTERM at step N ...; run the same command again
+to continue". Exit codes: 0 done (or --stop-after), 1 a non-finite loss (or another rank failed), 2 a mistake in the
+command or its files, an unreadable image or a full disk, 3 stopped by a signal, 130 Ctrl-C twice. torchrun exits 1 whatever its workers' codes (its failure report names "exitcode: 3"); the last
 line of <output-dir>/log.jsonl then reads {"step": N, "stopped_by": "SIGTERM"}. torchrun passes SIGTERM on to its
 workers and waits 30 s for them, but dies of SIGUSR1 unless told (torch 2.14's torchrun: --signals-to-handle
 SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1); so under torchrun ask the scheduler for SIGTERM.
 """
 import atexit
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import json
@@ -70,7 +71,9 @@ class Preempted(UserError):
     exit_code, prefix = 3, ""
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers send before they kill a job (SLURM: either)
+# What schedulers send before they kill a job (SLURM: either), and Ctrl-C: the run checkpoints and stops (exit code 3)
+PEER_TIMEOUT = datetime.timedelta(minutes=10)  # longer than rank 0 alone takes for the kNN monitor or a checkpoint
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def build_parser():
@@ -221,7 +224,10 @@ def load_checkpoint(path, args, num_classes):
     try:
         ckpt = simlap.load_tensors(path)
     except ValueError as e:
-        raise UserError(f"checkpoint {path} {e}; pass another --resume or remove it")
+        prev = simlap.previous(path)
+        other = (f"--resume {prev} continues from the checkpoint before it" if os.path.isfile(prev) and prev != path
+                 else "pass another --resume, or move it away to start again")
+        raise UserError(f"checkpoint {path} {e}; it is left as it is. {other}")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint")
     old = ckpt["args"]
@@ -268,11 +274,14 @@ def knn_monitor(model, train_raw, test_set, args, device):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UserError as e:  # every rank finds the same mistake in the command: rank 0 says it
+        raise UserError(str(e) if os.environ.get("RANK", "0") == "0" else "") from None
     device = init_device()
     torch.manual_seed(args.seed)
-    run = load_data(args)  # user errors surface here and in open_output_dir, before anything is written
-    ckpt = open_output_dir(args, run)
+    run, ckpt = start_together(args)  # user errors surface here and in open_output_dir, before anything is written
+    open_output_dir(args, ckpt)
     build_model(args, run, device, ckpt)
     with catch_stop_signals():
         train(args, run, device)
@@ -281,8 +290,9 @@ def main(argv=None):
 
 def init_device():
     """One process, or one of torchrun's (RANK set): the process group, and this process's device."""
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ:  # a collective waits at most PEER_TIMEOUT for a rank that is gone (a backstop: gloo
+        # notices a dead peer at once, torchrun stops the others when one fails)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PEER_TIMEOUT)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -326,14 +336,52 @@ def load_data(args):
                            meta={**vars(args), **derived}, **derived)
 
 
-def open_output_dir(args, run):
-    """The checkpoint to resume from (or None), a writable --output-dir, and rank 0's lock on it."""
-    run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    run.resume = args.resume or (run.ckpt_path if os.path.exists(run.ckpt_path) else None)
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
-    ckpt = load_checkpoint(run.resume, args, run.num_classes) if run.resume else None
-    check_same_start(args, run, ckpt)
+def start_together(args):
+    """-> (the namespace of load_data, the checkpoint to resume from or None), on every rank. Several processes: one
+    collective then stops them all, said once by rank 0, where any rank met a user error, and where the ranks would
+    start from different steps: a checkpoint that only some nodes see (an --output-dir that is not one folder on a
+    shared file system) would resume rank 0 at step N and the others at 0; DDP copies rank 0's weights, but each rank
+    then follows its own step count and lr schedule, and the run silently diverges or hangs at the end."""
+    try:
+        run = load_data(args)
+        run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+        run.resume = args.resume or (run.ckpt_path if os.path.exists(run.ckpt_path) else None)
+        if args.resume and not os.path.isfile(args.resume):
+            raise UserError(f"--resume {args.resume}: no such file")
+        ckpt = load_checkpoint(run.resume, args, run.num_classes) if run.resume else None
+        found = (ckpt["step"] if ckpt else 0, run.resume, socket.gethostname())
+    except UserError as e:
+        if world_size() == 1:
+            raise
+        run = ckpt = None
+        found = str(e)
+    if world_size() == 1:
+        return run, ckpt
+    every = [None] * world_size()
+    dist.all_gather_object(every, found)
+    errors = {f"rank{'s' * (len(ranks) > 1)} {spans(ranks)}: {text}" for text, ranks in by_value(every).items()
+              if isinstance(text, str)}
+    if errors:
+        alike = len(errors) == 1 and not any(isinstance(f, tuple) for f in every)  # every rank, the same error
+        raise UserError(("" if rank() else every[0] if alike else "; ".join(sorted(errors))))
+    if len({step for step, _, _ in every}) > 1:
+        what = [f"rank{'s' * (len(ranks) > 1)} {spans(ranks)} on {host} at step {step} ({path or 'no checkpoint'})"
+                for (step, path, host), ranks in by_value(every).items()]
+        raise UserError("" if rank() else f"the ranks would start from different steps: {'; '.join(what)}. "
+                        f"--output-dir {args.output_dir} must be one folder that every node sees (a shared file system)")
+    return run, ckpt
+
+
+def by_value(values):
+    """[a, b, a] -> {a: [0, 2], b: [1]}"""
+    out = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return out
+
+
+def open_output_dir(args, ckpt):
+    """A writable --output-dir, rank 0's lock on it, and a log.jsonl that is not ahead of the checkpoint."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         probe = os.path.join(args.output_dir, f".write-test{os.getpid()}")
@@ -341,9 +389,21 @@ def open_output_dir(args, run):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {args.output_dir} ({e.strerror})")
-    if rank() == 0:  # if refused, rank 0 exits and torchrun stops the other ranks
+    if rank() == 0:  # if refused, rank 0 exits and the other ranks stop at their first collective
         lock_output_dir(args.output_dir)  # released by teardown(), or at exit
-    return ckpt
+        trim_log(os.path.join(args.output_dir, "log.jsonl"), ckpt["step"] if ckpt else 0)
+
+
+def trim_log(path, step):
+    """Starting at `step`: the records of later steps leave log.jsonl (logged after the checkpoint, before a crash or
+    a failed save), so that no step is logged twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
+    if keep != lines:
+        simlap.save_atomic("".join(keep), path, save=lambda text, f: f.write(text.encode()))
 
 
 def build_model(args, run, device, ckpt):
@@ -391,10 +451,19 @@ def build_model(args, run, device, ckpt):
 
 def train(args, run, device):
     """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
-    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt. Stopped by SIGTERM or
-    SIGUSR1 (stop_requested), it checkpoints the step it finished and raises Preempted."""
-    main0, step = rank() == 0, run.step
+    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt. Stopped by a signal
+    (STOP_SIGNALS), it checkpoints the step it finished and raises Preempted. However it ends, its loader's worker
+    processes end with it."""
     sampler, loader = build_loader(args, run, device)
+    try:
+        train_epochs(args, run, device, sampler, loader)
+    except BaseException:
+        simlap.stop_workers(loader)
+        raise
+
+
+def train_epochs(args, run, device, sampler, loader):
+    main0, step = rank() == 0, run.step
     announce(args, run, device, step)
     if args.knn_every and step == 0:
         run.knn_untrained = knn_on_rank0(run.model, run, args, device, "step 0 (untrained)", print)
@@ -411,17 +480,18 @@ def train(args, run, device):
             nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
             step += 1
             bar.update(1)
-            if want_stats:  # the host syncs of the loop, every --log-every steps
-                check_finite(nonfinite_step)
+            stop = _stop_signal if world_size() == 1 else 0  # several processes: only where they sync (below)
+            save = (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after
+            if want_stats or save or stop:  # the host syncs of the loop: every --log-every steps, and to save
+                stop = check_run(device, nonfinite_step)
+            if want_stats:
                 ips = (step - tick_step) * args.batch_size / (time.time() - tick)
                 tick, tick_step = time.time(), step
                 stats = dict(new_stats, lr=run.opt.param_groups[0]["lr"], img_per_s=ips, **device_stats(run, device))
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
                                 gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
                 log(args, dict(step=step, epoch=epoch, **stats))
-            stop = stop_requested(device) if want_stats or world_size() == 1 else 0  # a collective: synced steps
-            if stop or (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after:
-                check_finite(nonfinite_step)
+            if stop or save:
                 save_checkpoint(args, run, step)
             if stop or step - start_step == args.stop_after:
                 bar.close()
@@ -430,12 +500,11 @@ def train(args, run, device):
                 if main0:
                     print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
                 return
-        check_finite(nonfinite_step)
-        record, stop = dict(epoch=epoch + 1, step=step, **stats), stop_requested(device)  # before a long kNN
+        record, stop = dict(epoch=epoch + 1, step=step, **stats), check_run(device, nonfinite_step)  # before the kNN
         if not stop and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             record["knn_top1"] = knn_last = knn_on_rank0(run.model, run, args, device, f"epoch {epoch + 1}", bar.write)
-        log(args, record)
         save_checkpoint(args, run, step)
+        log(args, record)  # after the checkpoint, so that a failed save leaves no record of a step it lost
         if stop:
             bar.close()
             raise preempted(args, run, step, stop)
@@ -476,14 +545,17 @@ def device_stats(run, device):
 
 
 def save_checkpoint(args, run, step):
-    """<output-dir>/checkpoint.pt, written atomically by rank 0: everything an exact resume at `step` needs."""
+    """<output-dir>/checkpoint.pt, written atomically by rank 0 with a checksum: everything an exact resume at `step`
+    needs. The checkpoint it replaces stays as checkpoint.prev.pt."""
     partners = gather_states(run.model.generator.get_state())  # a collective: every rank takes part
     if rank() == 0:
         moco_m = get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
-        simlap.save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
-                                epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=run.knn_untrained,
-                                rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m,
-                                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None), run.ckpt_path)
+        ckpt = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
+                    epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=run.knn_untrained,
+                    rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m,
+                    scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
+        ckpt["checksum"] = simlap.checksum(ckpt)  # checked by every load (simlap.load_tensors)
+        simlap.save_atomic(ckpt, run.ckpt_path, keep_previous=True)  # the one it replaces: checkpoint.prev.pt
 
 
 def log(args, record):
@@ -551,13 +623,6 @@ def gather_states(state):
     return out
 
 
-def check_finite(nonfinite_step):
-    bad = int(nonfinite_step)
-    if bad >= 0:
-        raise NonFiniteLoss(f"loss is not finite at step {bad}; stopped, the last checkpoint is untouched "
-                            "(try a lower --base-lr or a longer --warmup-epochs)")
-
-
 def choose_precision(requested, device):
     """--precision -> (autocast dtype, None for fp32; whether fp16's gradient scaler runs; what and why, said at
     start). The losses compute in fp32 inside autocast whatever is chosen."""
@@ -578,25 +643,6 @@ def choose_precision(requested, device):
     return dtype, scaled, f"{requested}{' with a gradient scaler' if scaled else ''} (--precision {requested}{note})"
 
 
-def check_same_start(args, run, ckpt):
-    """Every rank must start from the same step. A checkpoint that only some nodes see (an --output-dir that is not
-    one folder on a shared file system) would resume rank 0 at step N and the others at 0: DDP copies rank 0's
-    weights, but each rank then follows its own step count and lr schedule, and the run silently diverges or hangs
-    at the end. One collective at start; refused on every rank, saying which ranks see what."""
-    if world_size() == 1:
-        return
-    every = [None] * world_size()
-    dist.all_gather_object(every, (ckpt["step"] if ckpt else 0, run.resume, socket.gethostname()))
-    if len({step for step, _, _ in every}) > 1:
-        seen = {}
-        for r, found in enumerate(every):
-            seen.setdefault(found, []).append(r)
-        what = [f"rank{'s' * (len(ranks) > 1)} {spans(ranks)} on {host} at step {step} ({path or 'no checkpoint'})"
-                for (step, path, host), ranks in seen.items()]
-        raise UserError(f"the ranks would start from different steps: {'; '.join(what)}. --output-dir "
-                        f"{args.output_dir} must be one folder that every node sees (a shared file system)")
-
-
 def spans(numbers):
     """[0, 1, 2, 5] -> '0-2, 5'"""
     out = []
@@ -614,7 +660,7 @@ _stop_signal = 0  # the stop signal (STOP_SIGNALS) this process received while t
 @contextlib.contextmanager
 def catch_stop_signals():
     """While training, SIGTERM and SIGUSR1 set a flag instead of killing the process: the loop then finishes its
-    step, checkpoints and stops (stop_requested). Signal handlers live in the main thread only: elsewhere (a thread
+    step, checkpoints and stops (check_run). Signal handlers live in the main thread only: elsewhere (a thread
     of a notebook) the signals keep their default action."""
     global _stop_signal
     _stop_signal = 0
@@ -624,6 +670,8 @@ def catch_stop_signals():
 
     def note(signum, frame):
         global _stop_signal
+        if signum == _stop_signal == signal.SIGINT:  # Ctrl-C twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
         _stop_signal = signum
 
     before = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
@@ -635,22 +683,29 @@ def catch_stop_signals():
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGTERM and SIGUSR1 to the main process: torchrun and SLURM signal whole process
-    groups, and a worker killed by one would crash the main process at its next batch."""
+    """DataLoader workers leave the stop signals to the main process: torchrun, SLURM and Ctrl-C signal whole process
+    groups, and a worker killed by one would crash the main process at its next batch. The main process shuts its
+    workers down on every way out (simlap.stop_workers, simlap.end_workers)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def stop_requested(device):
-    """-> the stop signal that any rank received (0: none), the same on every rank, so that all stop at one step.
-    Several processes: a MAX all-reduce of one number, a collective and a host sync, so train() asks only where it
-    syncs anyway (every --log-every steps, and at the end of each epoch). A run then stops at most --log-every steps
-    after the signal (one step in a single process), plus the time to write the checkpoint."""
-    if world_size() == 1:
-        return _stop_signal
-    flag = torch.tensor(_stop_signal, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
+def check_run(device, nonfinite_step):
+    """-> the stop signal that any rank received (0: none); raises NonFiniteLoss if any rank's loss was not finite
+    (nonfinite_step: its first such step, -1 if none). The same on every rank, so that all stop at one step. Several
+    processes: a MAX all-reduce of two numbers, a collective and a host sync, so train() asks only where it syncs
+    anyway (every --log-every steps, to save, and at the end of each epoch). A run then stops at most --log-every
+    steps after the signal (one step in a single process), plus the time to write the checkpoint."""
+    last = 2 ** 62  # the first bad step s is sent as last - s, so that MAX finds the earliest over ranks (0: none)
+    status = torch.stack([torch.tensor(_stop_signal, device=device),
+                          torch.where(nonfinite_step < 0, 0, last - nonfinite_step)])
+    if world_size() > 1:
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+    stop, bad = status.tolist()
+    if bad:
+        raise NonFiniteLoss(f"loss is not finite at step {last - bad}; stopped, the last checkpoint is untouched "
+                            "(try a lower --base-lr or a longer --warmup-epochs)" if rank() == 0 else "")
+    return stop
 
 
 def preempted(args, run, step, signum):
