@@ -701,15 +701,21 @@ def augment_params(keys, view, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
                 grey=u[:, 10] < 0.2, sigma=torch.where(u[:, 11] < 0.5, 0.1 + 1.9 * u[:, 12], 0.0))
 
 
+def crop_theta(p):
+    """The crop + flip of augment_params' p as one affine map of the sampling grid -> theta (B, 2, 3), the view's
+    grid in the image's coordinates [-1, 1] (F.affine_grid)."""
+    theta = torch.zeros(len(p["w"]), 2, 3, device=p["w"].device)
+    theta[:, 0, 0], theta[:, 0, 2] = p["w"] * (1 - 2 * p["flip"].float()), 2 * p["cx"] - 1
+    theta[:, 1, 1], theta[:, 1, 2] = p["h"], 2 * p["cy"] - 1
+    return theta
+
+
 def augment(images, p, size, blur=False):
     """Batched augmentation on the images' device: uint8 (B, 3, H, W) + parameters p of augment_params ->
     normalised float32 (B, 3, size, size). Tensor ops on the whole batch, each sample with its own parameters,
     in torchvision's order: crop + flip, brightness, contrast, saturation, hue, grayscale, blur, normalise."""
     x, B = images.float() / 255, len(images)
-    theta = torch.zeros(B, 2, 3, device=x.device)  # crop + flip as one affine map of the sampling grid
-    theta[:, 0, 0], theta[:, 0, 2] = p["w"] * (1 - 2 * p["flip"].float()), 2 * p["cx"] - 1
-    theta[:, 1, 1], theta[:, 1, 2] = p["h"], 2 * p["cy"] - 1
-    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    grid = F.affine_grid(crop_theta(p), [B, 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     col = lambda v: v.view(B, 1, 1, 1)  # noqa: E731
     grey = lambda t: torch.einsum("bchw,c->bhw", t, t.new_tensor(GREY))[:, None]  # noqa: E731  (B, 1, H, W)
@@ -864,8 +870,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 
-DATASETS = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder", "flowers102", "pets", "cars",
-            "food101")
+TRANSFER_ONLY = ("flowers102", "pets", "cars", "food101")  # the transfer tables' sets, built by paper/transfer.py
+DATASETS = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10", "imagefolder") + TRANSFER_ONLY
 FIXED_SIZE = ("synthetic", "fashionmnist", "cifar10", "cifar100", "stl10")  # same-size images: cropped on device
 # Packages that torchvision needs for a data set and requirements.txt leaves out: it reads the .mat label files of
 # Flowers-102 and Stanford Cars with scipy. Checked before anything else runs (missing_package).
@@ -897,15 +903,10 @@ def build_dataset(name, root, split, transform=None, download=False, synthetic_p
     makers = {"fashionmnist": lambda: FashionMNIST(root, train=train, transform=transform, download=download),
               "cifar10": lambda: tv.CIFAR10(root, train=train, transform=transform, download=download),
               "cifar100": lambda: tv.CIFAR100(root, train=train, transform=transform, download=download),
-              "stl10": lambda: tv.STL10(root, "train" if train else "test", transform=transform, download=download),
-              "flowers102": lambda: (flowers_train_val(root, transform, download) if train else
-                                     tv.Flowers102(root, "test", transform, download=download, loader=read_image)),
-              "pets": lambda: OxfordPets(root, "trainval" if train else "test", transform=transform,
-                                         download=download),
-              "cars": lambda: tv.StanfordCars(root, "train" if train else "test", transform=transform,
-                                              download=download, loader=read_image),
-              "food101": lambda: tv.Food101(root, "train" if train else "test", transform=transform,
-                                            download=download, loader=read_image)}
+              "stl10": lambda: tv.STL10(root, "train" if train else "test", transform=transform, download=download)}
+    if name in TRANSFER_ONLY:
+        from paper import transfer  # the transfer tables' code and data sets (Tables 1 and 4)
+        makers[name] = lambda: transfer.transfer_set(name, root, train, transform, download)
     if name not in makers:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     try:
@@ -975,24 +976,6 @@ def image_folder(root, train, transform=None):
     ds.targets = [label for _, label in ds.samples]
     ds.classes, ds.class_to_idx = classes, index
     return ds
-
-
-def flowers_train_val(root, transform=None, download=False):
-    """Flowers-102's train and val splits as one training set of 2040 images, as the paper counts it (appendix D)
-    and as Chen et al. 2020 fit their final probe; test is the 6149 images of its test split."""
-    ds = torchvision.datasets.Flowers102(root, "train", transform, download=download, loader=read_image)
-    val = torchvision.datasets.Flowers102(root, "val", loader=read_image)
-    ds._labels, ds._image_files = ds._labels + val._labels, ds._image_files + val._image_files
-    return ds
-
-
-class OxfordPets(torchvision.datasets.OxfordIIITPet):
-    """torchvision's Oxford-IIIT Pet (the 37 breeds), its images read by read_image: torchvision's class opens them
-    itself and takes no loader."""
-
-    def __getitem__(self, i):
-        image = read_image(self._images[i])
-        return (self.transform(image) if self.transform else image), self._labels[i]
 
 
 def read_image(path):

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import plot
 import simlap
 import train
+from paper import analyses, figures, plot, transfer
 
 ev = importlib.import_module("eval")  # `eval` would shadow the builtin
 
@@ -1130,7 +1130,7 @@ def test_training_on_some_synthetic_classes_is_evaluated_on_them(tmp_path):
     assert res["num_train"] == 3 * 4 and res["num_test"] == 3 * 10  # per class: 4 train, at least 10 test
     # classes 5 = (1, 1), 2 = (0, 2), 9 = (2, 1): 5 and 9 share colour 1, 2 shares nothing with either
     _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
-    sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
+    sharp = F.normalize((analyses.class_gates(model.filter) > 0.5).float(), dim=1)
     overlap = sharp @ sharp.T
     assert res["gates"]["overlap_shared_attribute"] == pytest.approx(overlap[0, 2].item(), abs=1e-6)
     assert res["gates"]["overlap_no_shared_attribute"] == pytest.approx(
@@ -1245,7 +1245,7 @@ def test_training_on_some_fashionmnist_classes_and_evaluating_the_others(tmp_pat
                    "--probe-iters", "5", "--output-dir", str(tmp_path / "seen")])
     assert (res["dataset"], res["num_train"], res["num_test"], res["image_size"]) == ("fashionmnist", 24, 12, 8)
     _, model, _ = ev.load_weights(str(out / "checkpoint.pt"))
-    sharp = F.normalize((ev.class_gates(model.filter) > 0.5).float(), dim=1)
+    sharp = F.normalize((analyses.class_gates(model.filter) > 0.5).float(), dim=1)
     overlap = sharp @ sharp.T  # the natural groups: pairs (0, 4) and (3, 5) share one, the other 13 pairs none
     same = torch.zeros(6, 6, dtype=torch.bool)
     same[0, 4] = same[4, 0] = same[3, 5] = same[5, 3] = True
@@ -1347,18 +1347,18 @@ def test_eval_spectrum_and_effective_rank():
     g = torch.Generator().manual_seed(0)
     N, D, r = 200, 32, 5
     x = torch.randn(N, r, generator=g, dtype=torch.float64) @ torch.randn(r, D, generator=g, dtype=torch.float64)
-    s = ev.singular_values(x)
+    s = analyses.singular_values(x)
     assert s.shape == (D,) and torch.all(s[:-1] >= s[1:])
     assert int((s > 1e-9 * s[0]).sum()) == r
     # flat spectrum: r orthonormal centred directions of equal energy -> effective rank exactly r
     u = torch.randn(N, r, generator=g, dtype=torch.float64)
     u = torch.linalg.qr(u - u.mean(0)).Q  # centred columns stay centred
     v = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64)).Q
-    s = ev.singular_values(3 * u @ v.T)
+    s = analyses.singular_values(3 * u @ v.T)
     assert torch.allclose(s[:r], torch.full((r,), 3.0, dtype=torch.float64))
-    assert abs(ev.effective_rank(s) - r) < 1e-6
-    assert ev.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(1.0)
-    assert 1 < ev.effective_rank(torch.tensor([8.0, 4, 2, 1, 0.5])) < 4  # decaying: well below 5
+    assert abs(analyses.effective_rank(s) - r) < 1e-6
+    assert analyses.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert 1 < analyses.effective_rank(torch.tensor([8.0, 4, 2, 1, 0.5])) < 4  # decaying: well below 5
 
 
 # ----------------------------------------------------------------------------------------------- similarity
@@ -1367,12 +1367,12 @@ def test_eval_similarity_overlap():
     labels = torch.arange(4).repeat_interleave(25)
     # classes along orthogonal axes with little noise: intra ~ 1, inter ~ 0, no overlap
     feats = 10 * torch.eye(8)[labels] + 0.1 * torch.randn(100, 8, generator=g)
-    res = ev.similarity_overlap(feats, labels, chunk=7)
+    res = analyses.similarity_overlap(feats, labels, chunk=7)
     assert res["overlap"] == 0 and res["intra_mean"] > 0.9 and abs(res["inter_mean"]) < 0.1
     assert res["intra_pairs"] == 4 * 25 * 24 // 2 and res["inter_pairs"] == 100 * 99 // 2 - res["intra_pairs"]
     # labels unrelated to the features: both distributions alike, large overlap; chunking changes nothing
     feats = torch.randn(100, 8, generator=g)
-    a, b = ev.similarity_overlap(feats, labels, chunk=7), ev.similarity_overlap(feats, labels, chunk=1000)
+    a, b = analyses.similarity_overlap(feats, labels, chunk=7), analyses.similarity_overlap(feats, labels, chunk=1000)
     assert a["overlap"] > 0.7
     assert a["intra_hist"] == b["intra_hist"] and a["inter_hist"] == b["inter_hist"]
     brute = [(F.cosine_similarity(feats[i], feats[j], dim=0).item(), bool(labels[i] == labels[j]))
@@ -1388,7 +1388,7 @@ def test_eval_gate_analysis():
                           [0.6, 0.9, 0.95, 0.2, 0.05]])  # open {0, 1, 2}
     embed = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
     attributes = torch.tensor([[0, 0], [0, 1], [1, 1], [2, 2]])  # sharing: (0, 1) shape, (1, 2) colour
-    res = ev.gate_analysis(gates, embed, attributes)
+    res = analyses.gate_analysis(gates, embed, attributes)
     assert res["open_dims"] == [2, 2, 0, 3]
     c = math.sqrt(2 / 3)  # cos({0,1}, {0,1,2}) = 2 / (sqrt 2 sqrt 3)
     expected = torch.tensor([[1, 0.5, 0, c], [0.5, 1, 0, c], [0, 0, 0, 0], [c, c, 0, 1]])
@@ -1400,19 +1400,23 @@ def test_eval_gate_analysis():
     r = 1 / math.sqrt(2)
     assert torch.allclose(torch.tensor(res["label_similarity"])[1], torch.tensor([r, 1, r, -r]), atol=1e-6)
     # Fig. 9's columns: by the first class that opens them, then by how many classes do (already in order here)
-    assert ev.gate_column_order(gates).tolist() == [0, 1, 2, 3, 4]
-    assert ev.gate_column_order(gates[:, [3, 2, 0, 4, 1]]).tolist() == [2, 4, 1, 0, 3]
+    assert figures.gate_column_order(gates).tolist() == [0, 1, 2, 3, 4]
+    assert figures.gate_column_order(gates[:, [3, 2, 0, 4, 1]]).tolist() == [2, 4, 1, 0, 3]
     # Fig. 9 as drawn: every cell of the heat map has the colour of its gate value, columns in that order
-    img = ev.draw_gates(gates[:, [3, 2, 0, 4, 1]], ["a", "b", "c", "d"])
-    left, top, cw, ch = img.info["cells"]
+    img = figures.draw_gates(gates[:, [3, 2, 0, 4, 1]], ["a", "b", "c", "d"])
     pixels = torchvision.transforms.functional.pil_to_tensor(img).permute(1, 2, 0)
+    matrix = (pixels == plot.colormap(gates[0, 0])).all(-1).nonzero()  # the first cell's colour: the top-left cell
+    top, left = matrix[0].tolist()
+    coloured = (pixels != 255).any(-1)  # the matrix is the block of coloured pixels from there
+    ch = int(coloured[top:, left].int().cumprod(0).sum()) // 4  # 4 classes
+    cw = int(coloured[top, left:].int().cumprod(0).sum()) // 5  # 5 dimensions
     cells = pixels[top + ch // 2::ch, left + cw // 2::cw][:4, :5]
     assert torch.equal(cells, plot.colormap(gates))
     # class gates of a real filter: (K, D) in (0, 1), the filter's mode restored
     filt = simlap.FeatureFilter(6, out_dim=8).train()
-    g = ev.class_gates(filt)
+    g = analyses.class_gates(filt)
     assert g.shape == (6, 8) and filt.training and ((g > 0) & (g < 1)).all()
-    assert ev.gate_analysis(g)["gate_overlap"] and len(ev.gate_analysis(g)["entropy"]) == 6
+    assert analyses.gate_analysis(g)["gate_overlap"] and len(analyses.gate_analysis(g)["entropy"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------- paper's figures
@@ -1431,7 +1435,7 @@ def test_synthetic_masks_leave_the_images_unchanged():
     assert cos[masks].mean() > 0.97 and cos[~masks].mean() < 0.9
     # through the eval transform (resize to 64 / 0.875 = 73, centre crop 64): the mask follows the image
     big = simlap.SyntheticShapes("test", per_class=10, transform=simlap.eval_transform(64))
-    m = ev.eval_mask(big, masks, 3)
+    m = figures.eval_mask(big, masks, 3)
     assert m.shape == (64, 64) and abs(m.float().mean() - masks[3, 2:30, 2:30].float().mean()) < 0.03
 
 
@@ -1439,16 +1443,16 @@ def test_tsne_keeps_separated_clusters_apart_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(30)
     x = (10 * torch.randn(4, 10, generator=g))[y] + torch.randn(120, 10, generator=g)
-    p = ev.tsne_affinities(torch.cdist(x.double(), x.double()).square(), 15)  # each row at perplexity 15
+    p = figures.tsne_affinities(torch.cdist(x.double(), x.double()).square(), 15)  # each row at perplexity 15
     assert torch.allclose(p.sum(1), torch.ones(120, dtype=torch.float64)) and (p.diagonal() == 0).all()
     assert torch.allclose((-torch.xlogy(p, p).sum(1)).exp(), torch.full((120,), 15.0, dtype=torch.float64))
-    a = ev.tsne(x, perplexity=15, iters=400, seed=1)
+    a = figures.tsne(x, perplexity=15, iters=400, seed=1)
     near = torch.cdist(a, a).fill_diagonal_(math.inf).topk(5, largest=False).indices  # 5 nearest in the map
     assert (y[near].mode(1).values == y).float().mean() >= 0.98
-    short = ev.tsne(x, perplexity=15, iters=30, seed=1)  # the same seed, the same map; another seed, another
-    assert torch.equal(short, ev.tsne(x, perplexity=15, iters=30, seed=1))
-    assert not torch.equal(short, ev.tsne(x, perplexity=15, iters=30, seed=2))
-    sep = ev.pair_separation(a, y, 0, 1)  # centre distance over the mean distance to the own centre, by hand
+    short = figures.tsne(x, perplexity=15, iters=30, seed=1)  # the same seed, the same map; another seed, another
+    assert torch.equal(short, figures.tsne(x, perplexity=15, iters=30, seed=1))
+    assert not torch.equal(short, figures.tsne(x, perplexity=15, iters=30, seed=2))
+    sep = figures.pair_separation(a, y, 0, 1)  # centre distance over the mean distance to the own centre, by hand
     c0, c1 = a[y == 0].mean(0), a[y == 1].mean(0)
     spread = torch.cat([(a[y == 0] - c0).norm(dim=1), (a[y == 1] - c1).norm(dim=1)]).mean()
     assert sep["ratio"] == pytest.approx(((c0 - c1).norm() / spread).item()) and sep["ratio"] > 3
@@ -1472,26 +1476,26 @@ def test_clam_heat_map_falls_on_the_region_that_decides_the_similarity():
     raw = torch.zeros(3, 16, 16)
     raw[:, region] = torch.rand(3, int(region.sum()))
     anchor, positive = (raw - mean) / std, (torch.rand(3, 16, 16) - mean) / std
-    net, class_gates = region_encoder(), ev.class_gates(simlap.FeatureFilter(3, out_dim=8))
+    net, class_gates = region_encoder(), analyses.class_gates(simlap.FeatureFilter(3, out_dim=8))
     gates = {"global": torch.ones(8), "y1": class_gates[0], "y2": class_gates[1]}  # eq. 4's single-class gates
-    out = ev.clam(net, ev.cam_layer(net), anchor, positive, gates, views=8)
-    views, _ = ev.anchor_views(anchor, 8)
+    out = figures.clam(net, figures.cam_layer(net), anchor, positive, gates, views=8)
+    views, _ = figures.anchor_views(anchor, 8)
     with torch.no_grad():
         z, z_pos = net(views), net(positive[None])
     for name, g in gates.items():
         score, heat = out[name]
         assert score == pytest.approx(F.cosine_similarity(g * z, g * z_pos).mean().item(), abs=1e-5), name
-        assert heat.shape == (16, 16) and heat.min() >= 0 and ev.mask_share(heat, region) > 0.9, name
+        assert heat.shape == (16, 16) and heat.min() >= 0 and figures.mask_share(heat, region) > 0.9, name
     # the layers Grad-CAM reads: the last ReLU here and in the convnet, a ResNet's layer4, a ViT's last block
     cnn = simlap.convnet()[0]
-    assert ev.cam_layer(net) is net[1] and ev.cam_layer(cnn) is cnn[-3]  # then pooling and flatten
+    assert figures.cam_layer(net) is net[1] and figures.cam_layer(cnn) is cnn[-3]  # then pooling and flatten
     resnet = simlap.build_backbone("resnet18", small_images=True)[0]
-    assert ev.cam_layer(resnet) is resnet.layer4
+    assert figures.cam_layer(resnet) is resnet.layer4
     vit = simlap.build_backbone("vit_tiny", small_images=True, image_size=16)[0].eval()
-    assert ev.cam_layer(vit) is vit.encoder.layers[-1].ln_1
-    out = ev.clam(vit, ev.cam_layer(vit), anchor, positive, {"global": torch.ones(192)}, views=2)
+    assert figures.cam_layer(vit) is vit.encoder.layers[-1].ln_1
+    out = figures.clam(vit, figures.cam_layer(vit), anchor, positive, {"global": torch.ones(192)}, views=2)
     with torch.no_grad():
-        hand = F.cosine_similarity(vit(ev.anchor_views(anchor, 2)[0]), vit(positive[None])).mean().item()
+        hand = F.cosine_similarity(vit(figures.anchor_views(anchor, 2)[0]), vit(positive[None])).mean().item()
     assert out["global"][0] == pytest.approx(hand, abs=1e-5)
     assert out["global"][1].shape == (16, 16) and out["global"][1].sum() > 0  # the patch tokens get a gradient
 
@@ -1499,7 +1503,7 @@ def test_clam_heat_map_falls_on_the_region_that_decides_the_similarity():
 def test_fig12_class_similarity_and_correlations_against_hand_computation():
     g = torch.Generator().manual_seed(0)
     feats, labels = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.arange(30) % 4
-    sim = ev.class_similarity(feats, labels, 4)
+    sim = figures.class_similarity(feats, labels, 4)
     for a in range(4):
         for b in range(4):
             pairs = [F.cosine_similarity(feats[i], feats[j], dim=0).item() for i in range(30) for j in range(30)
@@ -1507,7 +1511,7 @@ def test_fig12_class_similarity_and_correlations_against_hand_computation():
             assert sim[a, b].item() == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
     m = {k: torch.rand(4, 4, generator=g) for k in ("gates", "features", "labels")}
     m["labels"] = torch.ones(4, 4)  # constant: no correlation
-    got = ev.correlations(m)
+    got = figures.correlations(m)
     upper = lambda t: [t[i, j].item() for i in range(4) for j in range(i + 1, 4)]  # noqa: E731
     assert got["gates vs features"] == pytest.approx(statistics.correlation(upper(m["gates"]), upper(m["features"])))
     assert got["gates vs labels"] is None and set(got) == {"gates vs features", "gates vs labels", "features vs labels"}
@@ -1540,7 +1544,7 @@ def test_eval_figures_report_and_compare(tmp_path):
     assert res["tsne"]["groups"] == [["red_square", "red_triangle", "red_cross"],
                                      ["green_circle", "blue_circle", "yellow_circle"]]
     assert res["tsne"]["points"] == 60 and set(res["tsne"]["panels"]) == {"global", "subspace"}
-    assert [(p["y1"], p["y2"]) for p in res["clam"]["pairs"]] == [tuple(p) for p in ev.SYNTHETIC_PAIRS]
+    assert [(p["y1"], p["y2"]) for p in res["clam"]["pairs"]] == [tuple(p) for p in figures.SYNTHETIC_PAIRS]
     assert all(set(p["score"]) == {"global", "y1", "y2"} and 0 < p["mask_area"] < 1 for p in res["clam"]["pairs"])
     assert set(res["class_similarity"]["correlation"]) == {"gates vs features", "gates vs labels", "features vs labels"}
     sizes = {"fig3b_spectrum.png": (300, 560), "fig4_similarity.png": (300, 440), "fig5_tsne.png": (380, 900),
@@ -1549,10 +1553,10 @@ def test_eval_figures_report_and_compare(tmp_path):
     assert set(res["figures"]) == set(sizes)
     for name, size in sizes.items():
         figure_is_drawn(out / name, size)
-    assert res["gates"]["pictures"]["gates"] == str(out / "fig9_gates.png")
+    assert res["figures"]["fig9_gates.png"] == str(out / "fig9_gates.png") and "pictures" not in res["gates"]
     report = (out / "report.md").read_text()
     assert all(f"]({name})" in report for name in sizes)
-    assert f"| knn/k=10 T=0.07 | {ev.fmt(res['knn']['k=10 T=0.07'])} |" in report
+    assert f"| knn/k=10 T=0.07 | {figures.fmt(res['knn']['k=10 T=0.07'])} |" in report
     # a second run, numbers only (supcon: no filter, so no gates), then both side by side
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     os.makedirs(tmp_path / "supcon")
@@ -1564,13 +1568,13 @@ def test_eval_figures_report_and_compare(tmp_path):
     both = ev.main(["--compare", str(out), str(tmp_path / "supcon" / "eval.json"), "--output-dir", str(tmp_path / "c")])
     stored = json.load(open(tmp_path / "c" / "compare.json"))
     for name, folder in (("simlap", out), ("supcon", tmp_path / "supcon")):
-        numbers = dict(ev.numbers(json.load(open(folder / "eval.json"))))
+        numbers = dict(figures.numbers(json.load(open(folder / "eval.json"))))
         assert {k: v[name] for k, v in stored["values"].items() if name in v} == numbers  # every number, exactly
     table = (tmp_path / "c" / "report.md").read_text()
     for key in ("knn/k=10 T=0.07", "linear_probe/test_top1", "similarity/overlap"):
-        row = f"| {key} | {ev.fmt(res[key.split('/')[0]][key.split('/')[1]])} | "
-        assert row + f"{ev.fmt(other[key.split('/')[0]][key.split('/')[1]])} |" in table
-    assert "| gates/mean_open_dims | " + ev.fmt(res["gates"]["mean_open_dims"]) + " | – |" in table
+        row = f"| {key} | {figures.fmt(res[key.split('/')[0]][key.split('/')[1]])} | "
+        assert row + f"{figures.fmt(other[key.split('/')[0]][key.split('/')[1]])} |" in table
+    assert "| gates/mean_open_dims | " + figures.fmt(res["gates"]["mean_open_dims"]) + " | – |" in table
     assert set(both["figures"]) == {"compare_spectra.png", "compare_similarity.png", "compare_training.png"}
     for name in both["figures"]:
         figure_is_drawn(tmp_path / "c" / name, (300, 440))
@@ -1841,7 +1845,7 @@ def test_transfer_over_every_data_set_prints_the_papers_tables(tmp_path, weights
             str(tmp_path / "data"), "--output-dir", str(out), "--transfer"]
     res = ev.main([*argv, "table1,table4" if have_scipy() else ",".join(names)])
     printed = capsys.readouterr().out
-    assert list(res["sets"]) == (list(ev.TABLE1) + ["food101"] if have_scipy() else names)
+    assert list(res["sets"]) == (list(transfer.TABLE1) + ["food101"] if have_scipy() else names)
     for name, row in res["sets"].items():
         assert (row["status"], row["num_train"], row["num_test"]) == ("ok", 20, 8), name
         assert row["knn"] == {"k=20 T=0.07": 100.0, "k=10 T=0.07": 100.0}, name
@@ -1851,9 +1855,9 @@ def test_transfer_over_every_data_set_prints_the_papers_tables(tmp_path, weights
     probe = {name: row["linear_probe"]["test_top1"] for name, row in res["sets"].items()}
     table1 = res["tables"]["table1"]
     assert list(table1) == ["Cars", "CF10", "CF100", "FLW", "Pets", "STL", "AVG"]
-    assert [table1[ev.COLUMN[n]] for n in ("cifar10", "cifar100", "pets", "stl10")] == [
+    assert [table1[transfer.COLUMN[n]] for n in ("cifar10", "cifar100", "pets", "stl10")] == [
         probe[n] for n in ("cifar10", "cifar100", "pets", "stl10")]
-    assert table1["AVG"] == (pytest.approx(sum(probe[n] for n in ev.TABLE1) / 6) if have_scipy() else None)
+    assert table1["AVG"] == (pytest.approx(sum(probe[n] for n in transfer.TABLE1) / 6) if have_scipy() else None)
     assert res["tables"]["table4"]["Food"] == 100.0 and "| Table 1: linear probe top-1 % | Cars | CF10 |" in markdown
     assert "| paper: SimLAP, 500 ep | 92.9 | 98.0 | 85.0 | 91.9 | 91.7 | 97.0 | 92.7 |" in markdown
     assert "| paper: SimLAP | 86.3 | 64.6 | 36.7 | 54.3 |" in markdown
@@ -1861,7 +1865,7 @@ def test_transfer_over_every_data_set_prints_the_papers_tables(tmp_path, weights
     assert ours in markdown
     # the probe is tuned_probe on these features (the path eval.py takes: transfer transform, eval mode)
     backbone, _, _ = ev.load_weights(str(weights / "checkpoint.pt"))
-    splits = {s: simlap.build_dataset("pets", str(tmp_path / "data"), s, ev.transfer_transform(16))
+    splits = {s: simlap.build_dataset("pets", str(tmp_path / "data"), s, transfer.transfer_transform(16))
               for s in ("train", "test")}
     feats = ev.all_features(backbone, splits, ev.parse_args(argv + ["pets"]), torch.device("cpu"), None)
     again = ev.tuned_probe(*feats["train"], *feats["test"], 4, 5)
@@ -1892,7 +1896,7 @@ def test_transfer_refuses_what_it_cannot_run_before_writing(tmp_path, weights, c
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.count("\n") == 1 and expected in err, (name, err)
     assert (snapshot(tmp_path), snapshot(weights)) == before
-    assert ev.transfer_sets("table4, pets,cifar10,table1") == ["cifar10", "cifar100", "cars", "food101", "pets",
+    assert transfer.transfer_sets("table4, pets,cifar10,table1") == ["cifar10", "cifar100", "cars", "food101", "pets",
                                                               "flowers102", "stl10"]
 
 

@@ -92,7 +92,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval as evaluation  # noqa: E402  (eval.py; renamed: eval is a builtin)
-import plot  # noqa: E402
+from paper import analyses, plot  # noqa: E402
 import simlap  # noqa: E402
 import train  # noqa: E402
 from common import add_output_flags, machine_info, run_child, write_json  # noqa: E402  (benchmarks/common.py)
@@ -222,11 +222,11 @@ def measure(args, model, sets, gates):
     probe = lambda *f: evaluation.linear_probe(*f)["test_top1"]  # noqa: E731
     out = {"seen_knn": knn(fb, yb, ft, yt), "seen_probe": probe(fb, yb, ft, yt),
            "unseen_knn": knn(ub, uyb, ut, uyt), "unseen_probe": probe(ub, uyb, ut, uyt),
-           "rank": evaluation.effective_rank(evaluation.singular_values(ft)),
-           "overlap": evaluation.similarity_overlap(ft, yt)["overlap"]}
+           "rank": analyses.effective_rank(analyses.singular_values(ft)),
+           "overlap": analyses.similarity_overlap(ft, yt)["overlap"]}
     if gates:
         attributes = simlap.class_attributes(args.data, args.seen)  # synthetic: shape, colour; fashion: group
-        g = evaluation.gate_analysis(evaluation.class_gates(model.filter), attributes=attributes)
+        g = analyses.gate_analysis(analyses.class_gates(model.filter), attributes=attributes)
         out.update(gate_shared=g["overlap_shared_attribute"], gate_none=g["overlap_no_shared_attribute"],
                    gate_entropy=g["mean_entropy"], gate_open=g["mean_open_dims"], gate_matrix=g["gate_overlap"])
     return out
@@ -389,7 +389,7 @@ def markdown(summ, claims):
 
 # ----------------------------------------------------------------------------------------------- figure
 def draw_curves(rows, png, cases):
-    """kNN (mean over seeds) against training step, one line per case (plot.py, the drawing eval.py uses too)."""
+    """kNN (mean over seeds) against training step, one line per case (paper/plot.py, as eval.py draws)."""
     curves = {}
     for case in cases:
         runs = [r["knn_curve"] for r in rows if r["case"] == case and r["knn_curve"]]

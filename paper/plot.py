@@ -1,7 +1,8 @@
-"""The figures of eval.py and benchmarks/reproduce.py, drawn with PIL (it ships with torchvision: no new dependency).
-Four kinds of plot: lines (a log y-axis on request), scatter, heat maps with named rows and columns, and tiles of
-images with captions. Each returns a PIL image; panels() sets several under one title; save() writes atomically.
-Kept separate so that eval.py reads as the analyses, not as pixel arithmetic."""
+"""The drawing code of the paper's figures (paper/figures.py: Figs. 3b, 4, 5, 6, 9, 12 and the training curves) and of
+benchmarks/reproduce.py, with PIL (it ships with torchvision: no new dependency). Four kinds of plot: lines (a log
+y-axis on request), scatter, heat maps with named rows and columns, and tiles of images with captions. Each returns a
+PIL image; panels() sets several under one title; save() writes atomically. Kept apart so that the figures read as
+what they show, not as pixel arithmetic."""
 import math
 
 import torch
@@ -133,8 +134,7 @@ def scatter(xy, labels, names, title, squares=(), size=(380, 380)):
 
 def heatmap(m, title, rows=None, cols=None, lo=None, hi=None, cell=(14, 14), xlabel="", ylabel=""):
     """m (R, C) as cells of colormap((v - lo) / (hi - lo)) (default: m's own range), row names on the left and
-    column names on top (when given), a colour bar from lo to hi underneath. img.info["cells"] = (left, top,
-    cell width, cell height) of the matrix, for the tests."""
+    column names on top (when given), a colour bar from lo to hi underneath."""
     m = m.float()
     lo, hi = m.min().item() if lo is None else lo, m.max().item() if hi is None else hi
     left = int(max([FONT.getlength(r) for r in rows or []] + [0]) + 20)
@@ -159,7 +159,6 @@ def heatmap(m, title, rows=None, cols=None, lo=None, hi=None, cell=(14, 14), xla
     img.paste(to_image(bar), (x_bar, bar_y))
     d.text((x_bar - 4 - FONT.getlength(f"{lo:.2g}"), bar_y - 3), f"{lo:.2g}", fill=INK, font=FONT)
     d.text((x_bar + 104, bar_y - 3), f"{hi:.2g}", fill=INK, font=FONT)
-    img.info["cells"] = (left, top, cw, ch)
     return img
 
 
