@@ -1478,7 +1478,7 @@ def test_clam_heat_map_falls_on_the_region_that_decides_the_similarity():
     anchor, positive = (raw - mean) / std, (torch.rand(3, 16, 16) - mean) / std
     net, class_gates = region_encoder(), analyses.class_gates(simlap.FeatureFilter(3, out_dim=8))
     gates = {"global": torch.ones(8), "y1": class_gates[0], "y2": class_gates[1]}  # eq. 4's single-class gates
-    out = figures.clam(net, figures.cam_layer(net), anchor, positive, gates, views=8)
+    out = figures.clam(net, figures.cam_layer(net, 16)[0], anchor, positive, gates, views=8)
     views, _ = figures.anchor_views(anchor, 8)
     with torch.no_grad():
         z, z_pos = net(views), net(positive[None])
@@ -1486,18 +1486,53 @@ def test_clam_heat_map_falls_on_the_region_that_decides_the_similarity():
         score, heat = out[name]
         assert score == pytest.approx(F.cosine_similarity(g * z, g * z_pos).mean().item(), abs=1e-5), name
         assert heat.shape == (16, 16) and heat.min() >= 0 and figures.mask_share(heat, region) > 0.9, name
-    # the layers Grad-CAM reads: the last ReLU here and in the convnet, a ResNet's layer4, a ViT's last block
-    cnn = simlap.convnet()[0]
-    assert figures.cam_layer(net) is net[1] and figures.cam_layer(cnn) is cnn[-3]  # then pooling and flatten
-    resnet = simlap.build_backbone("resnet18", small_images=True)[0]
-    assert figures.cam_layer(resnet) is resnet.layer4
+    net.requires_grad_(False)  # a frozen backbone: the same maps
+    frozen = figures.clam(net, figures.cam_layer(net, 16)[0], anchor, positive, gates, views=8)
+    assert all(torch.equal(frozen[k][1], out[k][1]) for k in gates)
+    # the layers Grad-CAM reads: the last stage with a map of at least 7 x 7 (the last ReLU here; the convnet's third
+    # at 32 px, its fourth at 224; a ResNet's layer3 at 32 px, its layer4 at 224 as the paper's), a ViT's last block
+    cnn, resnet = simlap.convnet()[0], simlap.build_backbone("resnet18", small_images=True)[0]
+    assert figures.cam_layer(net, 16) == (net[1], "1 (ReLU)", (16, 16))
+    assert figures.cam_layer(cnn, 32) == (cnn[6], "6 (ReLU)", (8, 8)) and figures.cam_layer(cnn, 224)[1:] == ("14 (ReLU)", (14, 14))
+    assert figures.cam_layer(resnet, 32) == (resnet.layer3, "layer3", (8, 8))
+    big = simlap.build_backbone("resnet18")[0]
+    assert figures.cam_layer(big, 224) == (big.layer4, "layer4", (7, 7))
     vit = simlap.build_backbone("vit_tiny", small_images=True, image_size=16)[0].eval()
-    assert figures.cam_layer(vit) is vit.encoder.layers[-1].ln_1
-    out = figures.clam(vit, figures.cam_layer(vit), anchor, positive, {"global": torch.ones(192)}, views=2)
+    assert figures.cam_layer(vit, 16) == (vit.encoder.layers[-1].ln_1, "encoder.layers[-1].ln_1", (4, 4))
+    out = figures.clam(vit, figures.cam_layer(vit, 16)[0], anchor, positive, {"global": torch.ones(192)}, views=2)
     with torch.no_grad():
         hand = F.cosine_similarity(vit(figures.anchor_views(anchor, 2)[0]), vit(positive[None])).mean().item()
     assert out["global"][0] == pytest.approx(hand, abs=1e-5)
     assert out["global"][1].shape == (16, 16) and out["global"][1].sum() > 0  # the patch tokens get a gradient
+
+
+def test_occlusion_map_equals_patches_hidden_one_by_one():
+    """The occlusion map against a loop that hides each patch by hand and scores eq. 6 on the same views; on the
+    region encoder, where the similarity depends on one region, the map leans on that region."""
+    torch.manual_seed(0)
+    net, size, patch = region_encoder(), 9, 4
+    anchor, positive = torch.randn(3, size, size), torch.randn(3, size, size)
+    gates = {"global": torch.ones(8), "y1": torch.rand(8)}
+    out = figures.occlusion(net, anchor, positive, gates, views=3, patch=patch)
+    with torch.no_grad():
+        score = lambda image, g: F.cosine_similarity(g * net(figures.anchor_views(image, 3)[0]),  # noqa: E731
+                                                     g * net(positive[None])).mean()
+        for name, g in gates.items():
+            total, count = torch.zeros(size, size), torch.zeros(size, size)
+            for top in (0, 2, 4, 5):  # every 2 px (half of 4), and the last flush with the far edge
+                for left in (0, 2, 4, 5):
+                    hidden = anchor.clone()
+                    hidden[:, top:top + patch, left:left + patch] = 0  # the mean colour, after normalisation
+                    total[top:top + patch, left:left + patch] += score(anchor, g) - score(hidden, g)
+                    count[top:top + patch, left:left + patch] += 1
+            assert torch.allclose(out[name], (total / count).relu(), atol=1e-5), name
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[2:8, 1:7] = True
+    raw = torch.zeros(3, 16, 16)
+    raw[:, region] = torch.rand(3, int(region.sum()))
+    mean, std = torch.tensor(simlap.MEAN).view(3, 1, 1), torch.tensor(simlap.STD).view(3, 1, 1)
+    heat = figures.occlusion(net, (raw - mean) / std, (torch.rand(3, 16, 16) - mean) / std, {"global": torch.ones(8)})
+    assert figures.mask_share(heat["global"], region) > 2 * region.float().mean()  # twice what a uniform map puts there
 
 
 def test_fig12_class_similarity_and_correlations_against_hand_computation():
@@ -1545,7 +1580,10 @@ def test_eval_figures_report_and_compare(tmp_path):
                                      ["green_circle", "blue_circle", "yellow_circle"]]
     assert res["tsne"]["points"] == 60 and set(res["tsne"]["panels"]) == {"global", "subspace"}
     assert [(p["y1"], p["y2"]) for p in res["clam"]["pairs"]] == [tuple(p) for p in figures.SYNTHETIC_PAIRS]
-    assert all(set(p["score"]) == {"global", "y1", "y2"} and 0 < p["mask_area"] < 1 for p in res["clam"]["pairs"])
+    assert all(set(p["score"]) == {"global", "y1", "y2"} and 0 < p["area"] < 1 for p in res["clam"]["pairs"])
+    clam = res["clam"]
+    assert clam["grid"] == [8, 8] and set(clam["mass"]) == {"gradcam", "occlusion"}  # 16 px: the ResNet's layer2
+    assert set(clam["mass"]["occlusion"]) == {"global", "y1", "y2"} and 0 < clam["area"] < 1
     assert set(res["class_similarity"]["correlation"]) == {"gates vs features", "gates vs labels", "features vs labels"}
     sizes = {"fig3b_spectrum.png": (300, 560), "fig4_similarity.png": (300, 440), "fig5_tsne.png": (380, 900),
              "fig6_clam.png": (6 * 48, 5 * 48), "fig9_gates.png": (16 * 12, 32 * 4),

@@ -112,28 +112,45 @@ def fig5_embedding(z, labels, groups, pair, gates=None, max_points=2000, seed=0)
     return out, maps
 
 
-def cam_layer(backbone):
-    """The layer whose output Grad-CAM weighs: a ResNet's layer4; a ViT's last block's patch tokens as they enter its
-    attention (its ln_1: after the block the class token no longer reads the patch tokens, so their gradient there
-    is 0); else the last ReLU (the convnet's last convolution stage)."""
-    if hasattr(backbone, "layer4"):
-        return backbone.layer4
+def cam_layer(backbone, image_size):
+    """The layer Grad-CAM weighs -> (module, its name, its map's (h, w)). A ViT: its last block's patch tokens as they
+    enter its attention (its ln_1: after the block the class token no longer reads the patch tokens, so their gradient
+    there is 0). Else the last stage whose map is at least 7 x 7 at this image size, as the paper's layer4 of a
+    ResNet-50 at 224 px: a ResNet's layer4 at 224 px, its layer3 at 32 px; the convnet's 8 x 8 ReLU at 32 px (its
+    last, 2 x 2, could put at most 28 % of a map's mass on a shape covering 13 % of the image)."""
     if isinstance(backbone, torchvision.models.VisionTransformer):
-        return backbone.encoder.layers[-1].ln_1
-    return [m for m in backbone.modules() if isinstance(m, nn.ReLU)][-1]
+        side = image_size // backbone.patch_size
+        return backbone.encoder.layers[-1].ln_1, "encoder.layers[-1].ln_1", (side, side)
+    stages = ([(n, m) for n, m in backbone.named_children() if n.startswith("layer")] if hasattr(backbone, "layer4")
+              else [(f"{n} (ReLU)", m) for n, m in backbone.named_modules() if isinstance(m, nn.ReLU)])
+    grids = {}
+    hooks = [m.register_forward_hook(lambda module, i, out, n=n: grids.update({n: tuple(out.shape[-2:])}))
+             for n, m in stages]
+    try:
+        with torch.no_grad(), eval_mode(backbone):
+            backbone(torch.zeros(1, 3, image_size, image_size, device=next(backbone.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    fine = [(n, m) for n, m in stages if min(grids[n]) >= 7] or stages[:1]  # an image too small: the finest there is
+    name, module = fine[-1]
+    return module, name, grids[name]
 
 
 def anchor_views(x, n, seed=0):
-    """Appendix E's A(x): n views of the anchor x (3, H, W), normalised by simlap.MEAN/STD -> (views (n, 3, H, W),
+    """Appendix E's A(x): n views of the anchor x (3, H, W), or the same n views of each image of a batch x (B, 3, H,
+    W), normalised by simlap.MEAN/STD -> (views (n, 3, H, W), or (B n, 3, H, W) image by image,
     theta (n, 2, 3): each view's sampling grid in the anchor's coordinates). A view is a random resized crop and flip
     drawn as in training (simlap.augment_params), then the channels times (1.0, 1.1, 0.9) for every view whose key
     says so (p = 0.5: the paper names the factors, not how often)."""
     keys = simlap.sample_keys(seed, 0, torch.arange(n))
     theta = simlap.crop_theta(simlap.augment_params(keys, 0))  # (n, 2, 3), as augment crops and flips
-    grid = F.affine_grid(theta, [n, *x.shape], align_corners=False)
-    views = F.grid_sample(x.cpu().expand(n, *x.shape), grid, padding_mode="border", align_corners=False)
+    batch = x.cpu().reshape(-1, *x.shape[-3:])
+    grid = F.affine_grid(theta, [n, *batch.shape[1:]], align_corners=False).repeat(len(batch), 1, 1, 1)
+    views = F.grid_sample(batch.repeat_interleave(n, 0), grid, padding_mode="border", align_corners=False)
     mean, std = torch.tensor(simlap.MEAN).view(3, 1, 1), torch.tensor(simlap.STD).view(3, 1, 1)
     scale = torch.where(simlap.uniforms(keys, 1, offset=40) < 0.5, torch.tensor([1.0, 1.1, 0.9]), 1.0)  # (n, 3)
+    scale = scale.repeat(len(batch), 1)
     return ((views * std + mean) * scale[:, :, None, None]).clamp(0, 1).sub(mean).div(std), theta
 
 
@@ -162,7 +179,7 @@ def clam(encode, layer, anchor, positive, gates, views=16, seed=0):
         with torch.no_grad():
             z_pos = encode(positive[None])  # (1, D)
         with torch.enable_grad():
-            z = encode(x.to(positive.device))  # (n, D)
+            z = encode(x.to(positive.device).requires_grad_())  # (n, D); a frozen backbone still gives a gradient
             fmap, out = seen[-1], {}
             for name, g in gates.items():
                 score = simlap.subspace_cosine(z, z_pos, g.to(z).expand_as(z)).mean()  # eq. 6
@@ -177,11 +194,37 @@ def clam(encode, layer, anchor, positive, gates, views=16, seed=0):
     return out
 
 
+@torch.no_grad()
+def occlusion(encode, anchor, positive, gates, views=16, patch=None, seed=0, chunk=1024):
+    """The occlusion map (Zeiler and Fergus 2014) of eq. 6's score, beside Grad-CAM: a patch of the data set's mean
+    colour (0 after normalisation) slides over the anchor at half its side; every position's drop of the score (the
+    same views A(x) as clam) is spread over the pixels it covers, and each pixel gets the mean drop of the positions
+    covering it, ReLU'd (where hiding it lowers the similarity). patch: a fifth of the side by default (6 px at 32,
+    45 at 224). -> {name: heat map (H, W) >= 0, on the CPU}"""
+    (_, H, W), device = anchor.shape, positive.device
+    patch = patch or max(2, round(min(H, W) / 5))
+    starts = lambda n: sorted({*range(0, n - patch + 1, max(1, patch // 2)), n - patch})  # noqa: E731 (edges too)
+    cover = torch.zeros(len(starts(H)) * len(starts(W)), H, W, dtype=torch.bool)  # (P, H, W): each patch's pixels
+    for k, (top, left) in enumerate((t, l) for t in starts(H) for l in starts(W)):
+        cover[k, top:top + patch, left:left + patch] = True
+    hidden = torch.cat([anchor[None].cpu(), anchor.cpu() * ~cover[:, None]])  # (1 + P, 3, H, W): intact, occluded
+    x = anchor_views(hidden, views, seed)[0]  # ((1 + P) n, 3, H, W)
+    z = torch.cat([encode(b.to(device)) for b in x.split(chunk)])
+    z_pos, out = encode(positive[None]), {}
+    for name, g in gates.items():
+        score = simlap.subspace_cosine(z, z_pos, g.to(z).expand_as(z)).view(len(hidden), views).mean(1)  # eq. 6
+        drop = (score[0] - score[1:]).cpu()  # (P,)
+        out[name] = ((drop[:, None, None] * cover).sum(0) / cover.sum(0)).relu()
+    return out
+
+
 def fig6_clam(encode, layer, ds, pairs, gates, views, device, masks=None):
     """Fig. 6 for each class pair (y1, y2): the first test image of class y1 is the anchor, the first of class y2
     (another image if y2 = y1) the positive, as eq. 2 pairs them; CLAM under the global space and, given the class
-    gates g(y) (K, D) of a filter (eq. 4), the subspaces of y1 and of y2. masks (N, H, W) bool, where the data set
-    has them (the synthetic shapes): the share of each heat map's mass on the anchor's shape. -> (numbers, pictures)"""
+    gates g(y) (K, D) of a filter (eq. 4), the subspaces of y1 and of y2; beside each Grad-CAM map the occlusion map
+    of the same score. masks (N, H, W) bool, where the data set has them (the synthetic shapes): the share of each
+    map's mass on the anchor's shape, and the shape's share of the image (what a uniform map puts on it).
+    -> (numbers, pictures)"""
     labels, out, pictures = simlap.targets_of(ds), [], []
     for y1, y2 in pairs:
         first, second = (labels == y1).nonzero()[:, 0], (labels == y2).nonzero()[:, 0]
@@ -193,12 +236,14 @@ def fig6_clam(encode, layer, ds, pairs, gates, views, device, masks=None):
         settings = {"global": torch.ones(1, device=device)}  # all-ones gates (broadcast to D): the global space
         if gates is not None:
             settings.update(y1=gates[y1].to(device), y2=gates[y2].to(device))
-        maps = clam(encode, layer, anchor, positive, settings, views)
-        row = {"y1": y1, "y2": y2, "anchor": i, "positive": j, "score": {k: s for k, (s, _) in maps.items()}}
+        grad_cam = clam(encode, layer, anchor, positive, settings, views)
+        maps = {"gradcam": {k: m for k, (_, m) in grad_cam.items()},
+                "occlusion": occlusion(encode, anchor, positive, settings, views)}
+        row = {"y1": y1, "y2": y2, "anchor": i, "positive": j, "score": {k: s for k, (s, _) in grad_cam.items()}}
         if masks is not None:
             mask = eval_mask(ds, masks, i)
-            row["mask_area"] = mask.float().mean().item()
-            row["mask_share"] = {k: mask_share(m, mask) for k, (_, m) in maps.items()}
+            row["area"] = mask.float().mean().item()
+            row["mass"] = {kind: {k: mask_share(m, mask) for k, m in by.items()} for kind, by in maps.items()}
         out.append(row)
         pictures.append((displayable(anchor), displayable(positive), maps))
     return out, pictures
@@ -285,7 +330,10 @@ CAPTIONS = {  # file -> (title, what it shows)
                       "centres. Titles: the pair's centre distance over its spread (smaller = closer)."),
     "fig6_clam.png": ("Fig. 6: CLAM heat maps", "For each class pair: the anchor (class y1), the positive (class y2) "
                       "and Grad-CAM of the anchor (appendix E: mean cosine of the positive's projection with those of "
-                      "augmented views of the anchor) in the global space and the subspaces of y1 and y2 (eq. 4)."),
+                      "augmented views of the anchor) in the global space and the subspaces of y1 and y2 (eq. 4), each "
+                      "beside the occlusion map of the same score (the drop when a patch of the mean colour hides a "
+                      "part of the anchor). Where the data set knows the object (the synthetic shapes), each map's "
+                      "share of its mass on it, against the object's share of the image: what a uniform map gets."),
     "fig9_gates.png": ("Fig. 9: class gates", "g(y) of every class (eq. 4), one row each; columns are dimensions "
                        "sorted by the first class that opens them (gate > 0.5), so shared subspaces form bands."),
     "fig12_class_similarity.png": ("Fig. 12: class similarities", "Class-by-class: overlap of the sharpened gates, "
@@ -364,9 +412,9 @@ def paper_figures(args, model, backbone, info, test_set, test_feats, res, plan, 
         out["tsne"]["groups"] = [[names[k] for k in g] for g in plan["groups"]]
         out["tsne"]["pair"] = [names[k] for k in plan["pair"]]
     masks = test_set.shape_masks() if isinstance(test_set, simlap.SyntheticShapes) else None
-    rows, pictures = fig6_clam(encode, cam_layer(backbone), test_set, plan["clam_pairs"], own, args.clam_views,
-                               device, masks)
-    out["clam"] = clam_summary(rows, names, args.clam_views)
+    layer, layer_name, grid = cam_layer(backbone, test_set[0][0].shape[-1])
+    rows, pictures = fig6_clam(encode, layer, test_set, plan["clam_pairs"], own, args.clam_views, device, masks)
+    out["clam"] = {"views": args.clam_views, "layer": layer_name, "grid": list(grid), **clam_summary(rows, names)}
     curves = training_curves(os.path.join(os.path.dirname(args.checkpoint), "log.jsonl")) if args.checkpoint else None
     if curves:
         out["training"] = curves
@@ -382,19 +430,21 @@ def paper_figures(args, model, backbone, info, test_set, test_feats, res, plan, 
     return out
 
 
-def clam_summary(rows, names, views):
-    """fig6_clam's numbers with class names, and where there are shape masks, per column (global, y1, y2): the mean
-    share of the heat maps' mass on the shape and how many maps put more than half of it there (an all-zero map
-    counts as not); and the shape's mean share of the image, what a map spread evenly would get."""
+def clam_summary(rows, names):
+    """fig6_clam's numbers with class names, and their means over the pairs per column (global, y1, y2): the
+    similarity (score), and where there are shape masks, the share of each kind of map's mass on the shape (mass:
+    gradcam, occlusion; an all-zero map left out) with how many maps put more than half of it there, and the shape's
+    share of the image (area), the mass a map spread evenly would put on it."""
     for r in rows:
         r["y1"], r["y2"] = names[r["y1"]], names[r["y2"]]
-    out = {"views": views, "pairs": rows}
-    if rows and "mask_share" in rows[0]:
-        out["mask_area_mean"] = sum(r["mask_area"] for r in rows) / len(rows)
-        for column in rows[0]["mask_share"]:
-            shares = [r["mask_share"][column] for r in rows if r["mask_share"][column] is not None]
-            out.setdefault("mask_share_mean", {})[column] = sum(shares) / len(shares) if shares else None
-            out.setdefault("maps_on_shape", {})[column] = sum(s > 0.5 for s in shares)
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    out = {"pairs": rows, "score": {k: mean([r["score"][k] for r in rows]) for k in (rows[0]["score"] if rows else ())}}
+    if rows and "mass" in rows[0]:
+        out["area"] = mean([r["area"] for r in rows])
+        shares = {kind: {k: [r["mass"][kind][k] for r in rows if r["mass"][kind][k] is not None] for k in by}
+                  for kind, by in rows[0]["mass"].items()}
+        out["mass"] = {kind: {k: mean(v) for k, v in by.items()} for kind, by in shares.items()}
+        out["maps_on_object"] = {kind: {k: sum(s > 0.5 for s in v) for k, v in by.items()} for kind, by in shares.items()}
     return out
 
 
@@ -429,18 +479,25 @@ def draw_tsne(maps, tsne_numbers, plan):
                                "large markers: class centres")
 
 
-def draw_clam(clam_numbers, pictures):
-    header = ["anchor (y1)", "positive (y2)", "global space", "subspace of y1", "subspace of y2"]
-    rows = []
-    for r, (anchor, positive, maps) in zip(clam_numbers["pairs"], pictures):
+def draw_clam(clam, pictures):
+    columns = {"global": "global space", "y1": "subspace of y1", "y2": "subspace of y2"}
+    header, rows = ["anchor (y1)", "positive (y2)"], []
+    for r, (anchor, positive, maps) in zip(clam["pairs"], pictures):
         row = [(anchor, r["y1"]), (positive, r["y2"])]
-        for k, (score, heat) in maps.items():
-            share = r.get("mask_share", {}).get(k)
-            caption = f"sim {score:.3f}" + (f"\n{100 * share:.0f}% on the shape" if share is not None else "")
-            row.append((plot.overlay(anchor, heat / heat.max().clamp_min(1e-12)), caption))
+        for k in maps["gradcam"]:
+            for kind, heat in ((kind, maps[kind][k]) for kind in ("gradcam", "occlusion")):
+                share = r.get("mass", {}).get(kind, {}).get(k)
+                caption = (f"sim {r['score'][k]:.3f}" if kind == "gradcam" else "occlusion") + (
+                    f"\n{100 * share:.0f}% on the shape" if share is not None else "")
+                row.append((plot.overlay(anchor, heat / heat.max().clamp_min(1e-12)), caption))
         rows.append(row)
-    return plot.panels([plot.tiles(rows, header[:len(rows[0])])], f"Fig. 6: CLAM, Grad-CAM of the anchor's mean "
-                       f"similarity to the positive over {clam_numbers['views']} augmented views (sim)")
+    header += [f"{columns[k]}, {kind}" for k in pictures[0][2]["gradcam"] for kind in ("Grad-CAM", "occlusion")][
+        :len(rows[0]) - 2] if rows else []
+    area = f"; the shapes cover {100 * clam['area']:.0f}% of the images, what a uniform map puts on them" if (
+        "area" in clam) else ""
+    grid = "x".join(map(str, clam["grid"]))
+    return plot.panels([plot.tiles(rows, header)], f"Fig. 6: CLAM, Grad-CAM at {clam['layer']} ({grid}) and occlusion "
+                       f"of the anchor's mean similarity to the positive over {clam['views']} views (sim){area}")
 
 
 def draw_gates(gates, names):
