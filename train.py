@@ -1,43 +1,20 @@
-"""Train SimLAP (arXiv 2410.18200) on 1-8 GPUs, or on the CPU. One process or torchrun, decided from the environment.
+"""Train SimLAP (arXiv 2410.18200): one process (a GPU or the CPU) or torchrun, decided from the environment.
 
-Embedded demo (synthetic shapes, a small CNN, AdamW; minutes on a 2-core CPU, prints kNN untrained vs trained):
-    python train.py
-    torchrun --standalone --nproc_per_node=1 train.py
-The paper's ImageNet ResNet-50 recipe (Table 5a: LARS, lr 0.2 at batch 1024, wd 1e-4, 40 warmup epochs, cosine):
-    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet \\
-        --arch resnet50 --image-size 224 --batch-size 1024 --epochs 1000 --warmup-epochs 40 --base-lr 0.05 \\
-        --weight-decay 1e-4 --temperature 0.1 --proj-dim 256 --workers 10 --knn-every 50
-Baselines: --method supcon | simclr | hydra | supcon-arbitrary (README: the paper's names -> commands).
-SimLAP-MoCo (Table 1; Table 5a's Hydra-MoCo column: LARS at 0.3 per 256 images, wd 1.5e-6; erow/hydra's heads):
-    torchrun --standalone --nproc_per_node=8 train.py --method simlap-moco --dataset imagefolder \\
-        --data /path/to/imagenet --arch resnet50 --image-size 224 --batch-size 1024 --epochs 300 --workers 10
-Without labels (appendix C): --labels runs/simclr/pseudo_labels_K.pt trains on pseudo labels of eval.py --kmeans K.
-The paper's ViT-S recipe (Table 5a's ViT column: AdamW, lr 2e-3 at batch 1024, wd 1e-2, 40 warmup epochs, 300 epochs):
-    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet \\
-        --arch vit_small --image-size 224 --batch-size 1024 --epochs 300 --optimizer adamw --base-lr 5e-4 \\
-        --weight-decay 1e-2 --warmup-epochs 40 --workers 10 --knn-every 50
-  Table 2 (Hydra, kNN on CIFAR-10): the same with --method hydra, and --arch vit_tiny --epochs 100 or --arch vit_base.
-Several nodes (here 2 x 8 GPUs): the same command on every node, HOST:PORT a free port on the first node; every node
-must see one --output-dir (a shared file system), else train.py refuses to start, saying which ranks see what:
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT train.py ...
-  Under SLURM, in an sbatch script with --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 --signal=TERM@120:
-    srun torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id $SLURM_JOB_ID \\
-        --rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500 train.py ...
-Rerunning the same command resumes from <output-dir>/checkpoint.pt, exactly on CPU (see README for GPU).
-Preemption: on SIGTERM or SIGUSR1 (what schedulers send before they kill a job; SLURM: SIGTERM, or another signal with
---signal) or Ctrl-C, every rank finishes its step, within --log-every steps all ranks agree to stop, rank 0 writes the
-checkpoint, and train.py exits with code 3 and the line "stopped by SIGTERM at step N ...; run the same command again
-to continue". Exit codes: 0 done (or --stop-after), 1 a non-finite loss (or another rank failed), 2 a mistake in the
-command or its files, an unreadable image or a full disk, 3 stopped by a signal, 130 Ctrl-C twice. torchrun exits 1 whatever its workers' codes (its failure report names "exitcode: 3"); the last
-line of <output-dir>/log.jsonl then reads {"step": N, "stopped_by": "SIGTERM"}. torchrun passes SIGTERM on to its
-workers and waits 30 s for them, but dies of SIGUSR1 unless told (torch 2.14's torchrun: --signals-to-handle
-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1); so under torchrun ask the scheduler for SIGTERM.
+    python train.py                                          # the demo: synthetic shapes, a small CNN, minutes on a CPU
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagefolder --data /path/to/imagenet --arch resnet50
+    python train.py --method simclr          # or supcon, hydra, supcon-arbitrary, simlap-moco: the baselines
+
+The defaults are the paper's recipe (Table 5a); the demo's departures from it are printed at start. README.md gives each
+table's command, several nodes and SLURM. The same command again resumes from <output-dir>/checkpoint.pt. Exit codes:
+0 done, 1 a non-finite loss (or another rank failed), 2 a mistake in the command or its files, an unreadable image or
+a full disk, 3 stopped by SIGTERM, SIGUSR1 or Ctrl-C with the checkpoint written (Ctrl-C twice: 130, at once).
 """
 import atexit
 import contextlib
 import datetime
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -58,24 +35,200 @@ from simlap import UserError, nonneg_float, nonneg_int, positive_float, positive
 PAIR_METHODS = [name for name, m in simlap.METHODS.items() if m.pairs]  # those that take --pairs
 WEIGHTED = [name for name, m in simlap.METHODS.items() if m.weighted]  # those that take --beta
 MOMENTUM = [name for name, m in simlap.METHODS.items() if m.momentum]  # those that take --moco-m
+# The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer in apply_defaults) ...
+PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
+# ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
+DEMO = dict(arch="convnet", epochs=20, batch_size=256, optimizer="adamw", warmup_epochs=1.0)
 
 
-class NonFiniteLoss(UserError):
-    """The loss became inf or NaN: one line, exit code 1, the last checkpoint untouched."""
-    exit_code, prefix = 1, ""
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except UserError as e:  # every rank finds the same mistake in the command: rank 0 says it
+        raise UserError(str(e) if os.environ.get("RANK", "0") == "0" else "") from None
+    device = init_device()
+    torch.manual_seed(args.seed)
+    run, ckpt = start_together(args)  # user errors surface here and in open_output_dir, before anything is written
+    open_output_dir(args, ckpt)
+    build_model(args, run, device, ckpt)
+    with catch_stop_signals():
+        sampler, loader = build_loader(args, run, device)
+        try:
+            train(args, run, device, sampler, loader)
+        except BaseException:  # however the run ends, its loader's worker processes end with it
+            simlap.stop_workers(loader)
+            raise
+    teardown()
 
 
-class Preempted(UserError):
-    """Stopped by SIGTERM or SIGUSR1 after writing the checkpoint: one line (from rank 0), exit code 3, so that a
-    requeue script can tell it from a failure; the same command continues the run."""
-    exit_code, prefix = 3, ""
+def train(args, run, device, sampler, loader):
+    """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
+    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt. Stopped by a signal
+    (STOP_SIGNALS), it checkpoints the step it finished and raises Preempted."""
+    main0, step, knn_untrained = rank() == 0, run.step, run.knn_untrained
+    announce(args, run, device, step)
+    if args.knn_every and step == 0:
+        knn_untrained = knn_monitor(args, run, device, "step 0 (untrained)", print)
+        log(args, dict(epoch=0, step=0, knn_top1=knn_untrained))
+    knn_last, start_step, nonfinite_step = knn_untrained, step, torch.tensor(-1, device=device)
+    bar = tqdm(total=run.total_steps, initial=step, disable=not main0, dynamic_ncols=True)
+    tick, tick_step, stats = time.time(), step, {}
+    for epoch in range(step // run.steps_per_epoch, args.epochs):
+        sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
+        run.wrapped.train()
+        for images, y, index in loader:
+            want_stats = (step + 1) % args.log_every == 0
+            loss, new_stats = train_step(args, run, device, (images, y, index), epoch, step, want_stats)
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
+            step += 1
+            bar.update(1)
+            stop = _stop_signal if world_size() == 1 else 0  # several processes: only where they sync (below)
+            save = (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after
+            if want_stats or save or stop:  # the host syncs of the loop: every --log-every steps, and to save
+                stop = check_run(device, nonfinite_step)
+            if want_stats:
+                ips = (step - tick_step) * args.batch_size / (time.time() - tick)
+                tick, tick_step = time.time(), step
+                stats = dict(new_stats, lr=run.opt.param_groups[0]["lr"], img_per_s=ips, **device_stats(run, device))
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
+                                gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
+                log(args, dict(step=step, epoch=epoch, **stats))
+            if stop or save:
+                save_checkpoint(args, run, step, knn_untrained)
+            if stop or step - start_step == args.stop_after:
+                bar.close()
+                if stop:
+                    raise preempted(args, run, step, stop)
+                if main0:
+                    print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
+                return
+        record, stop = dict(epoch=epoch + 1, step=step, **stats), check_run(device, nonfinite_step)  # before the kNN
+        if not stop and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            record["knn_top1"] = knn_last = knn_monitor(args, run, device, f"epoch {epoch + 1}", bar.write)
+        save_checkpoint(args, run, step, knn_untrained)
+        log(args, record)  # after the checkpoint, so that a failed save leaves no record of a step it lost
+        if stop:
+            bar.close()
+            raise preempted(args, run, step, stop)
+    bar.close()
+    if main0:
+        finish(args, run.model, knn_untrained, knn_last)
 
 
-# What schedulers send before they kill a job (SLURM: either), and Ctrl-C: the run checkpoints and stops (exit code 3)
-PEER_TIMEOUT = datetime.timedelta(minutes=10)  # longer than rank 0 alone takes for the kNN monitor or a checkpoint
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+def train_step(args, run, device, batch, epoch, step, want_stats):
+    """One update at global step `step` -> (the loss, unscaled and detached; the model's stats if want_stats)."""
+    for group in run.opt.param_groups:
+        group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
+    if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
+        run.model.update_momentum(get_momentum(step, run.total_steps, args.moco_m))
+    images, y, index = batch
+    keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
+    images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
+    x1, x2 = (x.contiguous(memory_format=run.memory_format) for x in simlap.two_views(images, keys, args.image_size))
+    with torch.autocast(device.type, run.amp_dtype, enabled=run.amp_dtype is not None):  # the losses stay fp32
+        loss, stats = run.wrapped(x1, x2, y, stats=want_stats)
+    run.opt.zero_grad(set_to_none=True)
+    # fp16: the scaler multiplies the loss before backward and skips the update where the scaled gradients overflow.
+    # That is routine, not a non-finite loss (train() checks the unscaled loss). A skipped step still moves the data
+    # and the lr and momentum schedules on (pure functions of the step); the optimizer state (LARS momentum, AdamW's
+    # moments and step count) and the weights stay as they were. bf16 and fp32: the scaler passes everything through.
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return loss.detach(), stats
 
 
+def get_lr(step, total_steps, warmup_steps, peak):
+    """Linear warmup, then cosine to 0: a pure function of the global step, so resuming needs no scheduler."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def get_momentum(step, total_steps, m0):
+    """simlap-moco: MoCo v3's momentum, from m0 at step 0 to 1 at the end on a half cosine; a pure function of the
+    global step, as the lr."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def save_checkpoint(args, run, step, knn_untrained):
+    """<output-dir>/checkpoint.pt, written atomically by rank 0 with a checksum: everything an exact resume at `step`
+    needs. The checkpoint it replaces stays as checkpoint.prev.pt."""
+    state = run.model.generator.get_state()  # the partner sampler's RNG state, which differs per rank
+    partners = [state] if world_size() == 1 else [None] * world_size()
+    if world_size() > 1:
+        dist.all_gather_object(partners, state)  # to rank 0: a collective, every rank takes part
+    if rank() == 0:
+        moco_m = get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
+        ckpt = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
+                    epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=knn_untrained,
+                    rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m,
+                    scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
+        ckpt["checksum"] = simlap.checksum(ckpt)  # checked by every load (simlap.load_tensors)
+        simlap.save_atomic(ckpt, run.ckpt_path, keep_previous=True)  # the one it replaces: checkpoint.prev.pt
+
+
+def log(args, record):
+    """One JSON line in <output-dir>/log.jsonl, by rank 0."""
+    if rank() == 0:
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def device_stats(run, device):
+    """For log.jsonl: fp16's loss scale (halved at every skipped step) and the peak GPU memory so far."""
+    out = dict(grad_scale=run.scaler.get_scale()) if run.scaler.is_enabled() else {}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def knn_monitor(args, run, device, when, write):
+    """On rank 0 (the others wait): the weighted kNN top-1 (simlap.KNN_K, KNN_T) of backbone features of (a fixed
+    subset of) the eval split, the bank the train split seen through the eval transform -> the top-1, None elsewhere."""
+    top1 = None
+    if rank() == 0:
+        train_set = simlap.Transformed(run.train_raw, simlap.eval_transform(args.image_size))
+        gen = torch.Generator().manual_seed(0)
+        loaders = [torch.utils.data.DataLoader(
+            torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist()),
+            batch_size=256, num_workers=args.workers, worker_init_fn=ignore_stop_signals)
+            for ds in (train_set, run.test_set)]
+        (fb, yb), (ft, yt) = [simlap.extract_features(run.model.backbone, dl, device, desc="knn features")
+                              for dl in loaders]
+        top1 = (simlap.knn_classify(fb, yb, ft) == yt).float().mean().item()
+        write(f"{when}: kNN top-1 {100 * top1:.1f}%")
+    if world_size() > 1:
+        dist.barrier()
+    return top1
+
+
+def announce(args, run, device, step):
+    """The start lines (derived values, the demo's departures from the paper's recipe), and args.json."""
+    if rank() != 0:
+        return
+    print(f"SimLAP {args.arch} on {args.dataset} ({len(run.train_raw)} images, {run.num_classes} classes), "
+          f"{world_size()} x {run.per_gpu_batch} = batch {args.batch_size}, effective lr {run.lr:g}, "
+          f"{run.total_steps} steps, device {device}, precision {run.precision}" + (
+              f", resuming at step {step} from {run.resume}" if step else ""), flush=True)
+    if args.demo_departures:
+        print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in args.demo_departures.items()), flush=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(run.meta, f, indent=1)
+
+
+def finish(args, model, knn_untrained, knn_last):
+    torch.save(model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
+    stem = " after the small-image stem" if args.small_images else ""
+    into = (f"torchvision's {args.arch} with fc=Identity{stem}" if args.arch.startswith("resnet") else
+            f"simlap.build_backbone('{args.arch}')")
+    print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into {into})")
+    if knn_untrained is not None and knn_last is not None:
+        print(f"kNN top-1 on the test split: untrained {100 * knn_untrained:.1f}% -> trained {100 * knn_last:.1f}%")
+
+
+# ------------------------------------------------------------------ the run: flags, data, model, loader, checkpoint
 def build_parser():
     """Every numeric flag takes a simlap.ranged type (positive_int, ...): impossible values fail at parsing."""
     p = simlap.Parser(description="Train SimLAP. Defaults: the paper's recipe (Table 5a); on --dataset synthetic "
@@ -177,12 +330,6 @@ def parse_args(argv=None):
     return args
 
 
-# The paper's recipe (Table 5a, the ResNet column; base lr and weight decay per optimizer, below) ...
-PAPER = dict(arch="resnet18", epochs=1000, batch_size=1024, optimizer="lars", warmup_epochs=40.0)
-# ... and where the synthetic demo departs from it, to learn visibly in a few minutes on a 2-core CPU.
-DEMO = dict(arch="convnet", epochs=20, batch_size=256, optimizer="adamw", warmup_epochs=1.0)
-
-
 def apply_defaults(args):
     """Fill the flags left unset: the paper's recipe, or on --dataset synthetic the demo's. -> the demo values
     that depart from the paper's recipe, as printed at start ({} off the demo or when every one was given)."""
@@ -207,100 +354,11 @@ def apply_defaults(args):
     return departures
 
 
-def get_lr(step, total_steps, warmup_steps, peak):
-    """Linear warmup, then cosine to 0: a pure function of the global step, so resuming needs no scheduler."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
-def get_momentum(step, total_steps, m0):
-    """simlap-moco: MoCo v3's momentum, from m0 at step 0 to 1 at the end on a half cosine; a pure function of the
-    global step, as the lr."""
-    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-def load_checkpoint(path, args, num_classes):
-    try:
-        ckpt = simlap.load_tensors(path)
-    except ValueError as e:
-        prev = simlap.previous(path)
-        other = (f"--resume {prev} continues from the checkpoint before it" if os.path.isfile(prev) and prev != path
-                 else "pass another --resume, or move it away to start again")
-        raise UserError(f"checkpoint {path} {e}; it is left as it is. {other}")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not a train.py checkpoint")
-    old = ckpt["args"]
-    for key, now in (("arch", args.arch), ("method", args.method), ("pairs", args.pairs), ("beta", args.beta),
-                     ("moco_m", args.moco_m),
-                     ("num_classes", num_classes), ("proj_dim", args.proj_dim),
-                     ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
-                     ("classes", args.classes), ("labels_fingerprint", args.labels_fingerprint)):
-        was = simlap.trained_classes(old) if key == "classes" else old.get(key)
-        if was != now:
-            raise UserError(f"checkpoint {path} has {key}={was} but this run has {now}; "
-                            "use the same flags or another --output-dir")
-    return ckpt
-
-
-def training_labels(args, train_raw):
-    """-> (labels (N,) or None, num_classes): the data set's own labels, or with --labels FILE the pseudo labels of
-    eval.py --kmeans, refused unless they label exactly this training set in its order. Their hash goes into
-    args, and so into the checkpoint: a resume with other labels is refused."""
-    args.labels_fingerprint = None
-    if not args.labels:
-        return None, simlap.num_classes_of(train_raw)
-    try:
-        labels, f = simlap.load_labels(args.labels, args.dataset, train_raw)
-    except ValueError as e:
-        raise UserError(str(e))
-    args.labels_fingerprint = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
-    if rank() == 0 and "nmi" in f:
-        print(f"training on {f['num_clusters']} pseudo labels from {args.labels} (against the true labels: "
-              f"NMI {f['nmi']:.3f}, purity {f['purity']:.3f})")
-    return labels, f["num_clusters"]
-
-
-def knn_monitor(model, train_raw, test_set, args, device):
-    """Weighted kNN top-1 (simlap.KNN_K, KNN_T) on backbone features of (a fixed subset of) the eval split; the bank is
-    the train split seen through the eval transform."""
-    train_set = simlap.Transformed(train_raw, simlap.eval_transform(args.image_size))
-    gen = torch.Generator().manual_seed(0)
-    loaders = [torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[: args.knn_samples].tolist()),
-        batch_size=256, num_workers=args.workers, worker_init_fn=ignore_stop_signals) for ds in (train_set, test_set)]
-    (fb, yb), (ft, yt) = [simlap.extract_features(model.backbone, dl, device, desc="knn features") for dl in loaders]
-    return (simlap.knn_classify(fb, yb, ft) == yt).float().mean().item()
-
-
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except UserError as e:  # every rank finds the same mistake in the command: rank 0 says it
-        raise UserError(str(e) if os.environ.get("RANK", "0") == "0" else "") from None
-    device = init_device()
-    torch.manual_seed(args.seed)
-    run, ckpt = start_together(args)  # user errors surface here and in open_output_dir, before anything is written
-    open_output_dir(args, ckpt)
-    build_model(args, run, device, ckpt)
-    with catch_stop_signals():
-        train(args, run, device)
-    teardown()
-
-
-def init_device():
-    """One process, or one of torchrun's (RANK set): the process group, and this process's device."""
-    if "RANK" in os.environ:  # a collective waits at most PEER_TIMEOUT for a rank that is gone (a backstop: gloo
-        # notices a dead peer at once, torchrun stops the others when one fails)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PEER_TIMEOUT)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 def load_data(args):
-    """The splits, the training labels, the class distances of --pairs nearest, and the schedule -> a namespace."""
+    """-> the run's namespace, which build_model completes: the splits (train_raw, test_set), the training labels
+    and class distances of --pairs nearest, the schedule (lr, per_gpu_batch, steps_per_epoch, total_steps,
+    warmup_steps), meta (args.json, and the checkpoint's args), and the checkpoint to write (ckpt_path) and to resume
+    from (resume, None for none)."""
     try:
         chosen = dict(synthetic_per_class=args.synthetic_per_class, classes=args.classes)
         train_raw = simlap.build_dataset(args.dataset, args.data, "train", download=args.download, **chosen)
@@ -332,20 +390,144 @@ def load_data(args):
     derived = dict(lr=args.base_lr * args.batch_size / 256, per_gpu_batch=args.batch_size // world_size(),
                    world_size=world_size(), num_classes=num_classes, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, warmup_steps=warmup_steps)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     return SimpleNamespace(train_raw=train_raw, test_set=test_set, labels=labels, class_dist=class_dist,
-                           meta={**vars(args), **derived}, **derived)
+                           meta={**vars(args), **derived}, **derived, ckpt_path=ckpt_path,
+                           resume=args.resume or (ckpt_path if os.path.exists(ckpt_path) else None))
+
+
+def training_labels(args, train_raw):
+    """-> (labels (N,) or None, num_classes): the data set's own labels, or with --labels FILE the pseudo labels of
+    eval.py --kmeans, refused unless they label exactly this training set in its order. Their hash goes into
+    args, and so into the checkpoint: a resume with other labels is refused."""
+    args.labels_fingerprint = None
+    if not args.labels:
+        return None, simlap.num_classes_of(train_raw)
+    try:
+        labels, f = simlap.load_labels(args.labels, args.dataset, train_raw)
+    except ValueError as e:
+        raise UserError(str(e))
+    args.labels_fingerprint = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
+    if rank() == 0 and "nmi" in f:
+        print(f"training on {f['num_clusters']} pseudo labels from {args.labels} (against the true labels: "
+              f"NMI {f['nmi']:.3f}, purity {f['purity']:.3f})")
+    return labels, f["num_clusters"]
+
+
+def load_checkpoint(path, args, num_classes):
+    try:
+        ckpt = simlap.load_tensors(path)
+    except ValueError as e:
+        prev = simlap.previous(path)
+        other = (f"--resume {prev} continues from the checkpoint before it" if os.path.isfile(prev) and prev != path
+                 else "pass another --resume, or move it away to start again")
+        raise UserError(f"checkpoint {path} {e}; it is left as it is. {other}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint")
+    for key, now in (("arch", args.arch), ("method", args.method), ("pairs", args.pairs), ("beta", args.beta),
+                     ("moco_m", args.moco_m), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
+                     ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
+                     ("classes", args.classes), ("labels_fingerprint", args.labels_fingerprint)):
+        was = simlap.trained_classes(ckpt["args"]) if key == "classes" else ckpt["args"].get(key)
+        if was != now:
+            raise UserError(f"checkpoint {path} has {key}={was} but this run has {now}; "
+                            "use the same flags or another --output-dir")
+    return ckpt
+
+
+def build_model(args, run, device, ckpt):
+    """Completes run: model (the SimLAP module), wrapped (what to call: DDP / compiled), opt, the precision
+    (amp_dtype, scaler, precision: said at start), memory_format, and from the checkpoint the step to start from and
+    the untrained network's kNN (knn_untrained)."""
+    model = simlap.SimLAP(args.arch, run.num_classes, small_images=args.small_images, image_size=args.image_size,
+                          proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=args.method,
+                          pairs=args.pairs or "arbitrary", beta=args.beta, temperature=args.temperature,
+                          gate_weight=args.gate_penalty, class_dist=run.class_dist, nearest_n=args.nearest_n).to(device)
+    model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
+    memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
+    model = model.to(memory_format=memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]
+    amp_dtype, scaled, precision = choose_precision(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=scaled)  # fp16 only; otherwise it passes through
+    if args.optimizer == "lars":
+        opt = simlap.LARS(params, run.lr, args.weight_decay, args.momentum)
+    else:  # no weight decay on biases and norm weights, as LARS. fp16: the fused AdamW, which takes the scaler's
+        # scale and inf flag on the device (like LARS), so that the scaler adds no host sync per step
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
+                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                lr=run.lr, weight_decay=args.weight_decay, fused=scaled or None)
+    step, knn_untrained = 0, None
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+            opt.load_state_dict(ckpt["optimizer"])
+            if scaled and ckpt.get("scaler"):  # fp16's loss scale; a run that switches precision starts a new one
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint {run.resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
+        step, knn_untrained = ckpt["step"], ckpt.get("knn_untrained")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        states = ckpt["rng"]["partners"]  # one per rank; exact resume needs the same world size
+        model.generator.set_state(states[rank() % len(states)])
+    wrapped = model
+    if world_size() > 1:
+        if device.type == "cuda":
+            wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped = torch.compile(wrapped, backend=args.compile) if args.compile else wrapped
+    vars(run).update(model=model, wrapped=wrapped, opt=opt, amp_dtype=amp_dtype, scaler=scaler, precision=precision,
+                     memory_format=memory_format, step=step, knn_untrained=knn_untrained)
+
+
+def build_loader(args, run, device):
+    """-> (this rank's EpochSampler, its DataLoader of (uint8 images, labels, indices)). The loader only decodes (and
+    crops variable-size images); two_views() augments whole batches on the device."""
+    train_set = simlap.TwoViews(run.train_raw if run.labels is None else simlap.Relabelled(run.train_raw, run.labels),
+                                args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
+    sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0, drop_last=True,
+                                         worker_init_fn=ignore_stop_signals)
+    return sampler, loader
+
+
+# ---------------------------------------------------------------------------------------------------- operations
+class NonFiniteLoss(UserError):
+    """The loss became inf or NaN: one line, exit code 1, the last checkpoint untouched."""
+    exit_code, prefix = 1, ""
+
+
+class Preempted(UserError):
+    """Stopped by a signal after writing the checkpoint: one line (from rank 0), exit code 3, so that a requeue
+    script can tell it from a failure; the same command continues the run."""
+    exit_code, prefix = 3, ""
+
+
+PEER_TIMEOUT = datetime.timedelta(minutes=10)  # longer than rank 0 alone takes for the kNN monitor or a checkpoint
+# What schedulers send before they kill a job (SLURM: either), and Ctrl-C: the run checkpoints and stops (exit code 3)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def init_device():
+    """One process, or one of torchrun's (RANK set): the process group, and this process's device."""
+    if "RANK" in os.environ:  # a collective waits at most PEER_TIMEOUT for a rank that is gone (a backstop: gloo
+        # notices a dead peer at once, torchrun stops the others when one fails)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PEER_TIMEOUT)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def start_together(args):
     """-> (the namespace of load_data, the checkpoint to resume from or None), on every rank. Several processes: one
     collective then stops them all, said once by rank 0, where any rank met a user error, and where the ranks would
-    start from different steps: a checkpoint that only some nodes see (an --output-dir that is not one folder on a
-    shared file system) would resume rank 0 at step N and the others at 0; DDP copies rank 0's weights, but each rank
-    then follows its own step count and lr schedule, and the run silently diverges or hangs at the end."""
+    start from different steps (an --output-dir that is not one folder on a shared file system): DDP would copy rank
+    0's weights, but each rank would follow its own step count and lr schedule, and the run diverge or hang."""
     try:
         run = load_data(args)
-        run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-        run.resume = args.resume or (run.ckpt_path if os.path.exists(run.ckpt_path) else None)
         if args.resume and not os.path.isfile(args.resume):
             raise UserError(f"--resume {args.resume}: no such file")
         ckpt = load_checkpoint(run.resume, args, run.num_classes) if run.resume else None
@@ -359,24 +541,27 @@ def start_together(args):
         return run, ckpt
     every = [None] * world_size()
     dist.all_gather_object(every, found)
-    errors = {f"rank{'s' * (len(ranks) > 1)} {spans(ranks)}: {text}" for text, ranks in by_value(every).items()
-              if isinstance(text, str)}
+    errors = {f"{ranks}: {text}" for text, ranks in which_ranks(every).items() if isinstance(text, str)}
     if errors:
         alike = len(errors) == 1 and not any(isinstance(f, tuple) for f in every)  # every rank, the same error
         raise UserError(("" if rank() else every[0] if alike else "; ".join(sorted(errors))))
     if len({step for step, _, _ in every}) > 1:
-        what = [f"rank{'s' * (len(ranks) > 1)} {spans(ranks)} on {host} at step {step} ({path or 'no checkpoint'})"
-                for (step, path, host), ranks in by_value(every).items()]
+        what = [f"{ranks} on {host} at step {step} ({path or 'no checkpoint'})"
+                for (step, path, host), ranks in which_ranks(every).items()]
         raise UserError("" if rank() else f"the ranks would start from different steps: {'; '.join(what)}. "
-                        f"--output-dir {args.output_dir} must be one folder that every node sees (a shared file system)")
+                        f"--output-dir {args.output_dir} must be one folder that every node sees "
+                        "(a shared file system)")
     return run, ckpt
 
 
-def by_value(values):
-    """[a, b, a] -> {a: [0, 2], b: [1]}"""
+def which_ranks(values):
+    """[a, a, b, a] -> {a: 'ranks 0-1, 3', b: 'rank 2'}: which ranks hold each value, for messages."""
     out = {}
-    for i, v in enumerate(values):
-        out.setdefault(v, []).append(i)
+    for v in dict.fromkeys(values):
+        ranks = [i for i, w in enumerate(values) if w == v]
+        spans = [[i for _, i in g] for _, g in itertools.groupby(enumerate(ranks), lambda t: t[1] - t[0])]
+        out[v] = f"rank{'s' * (len(ranks) > 1)} " + ", ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else f"{s[0]}"
+                                                               for s in spans)
     return out
 
 
@@ -395,8 +580,8 @@ def open_output_dir(args, ckpt):
 
 
 def trim_log(path, step):
-    """Starting at `step`: the records of later steps leave log.jsonl (logged after the checkpoint, before a crash or
-    a failed save), so that no step is logged twice."""
+    """Starting at `step`: the records of later steps (logged after the checkpoint, before a crash or a failed save)
+    leave log.jsonl, so that no step is logged twice."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -406,331 +591,13 @@ def trim_log(path, step):
         simlap.save_atomic("".join(keep), path, save=lambda text, f: f.write(text.encode()))
 
 
-def build_model(args, run, device, ckpt):
-    """Into run: model (the SimLAP module), wrapped (what to call: DDP / compiled), opt, the precision (amp_dtype,
-    scaler) and from the checkpoint the step to start from and the untrained network's kNN."""
-    model = simlap.SimLAP(args.arch, run.num_classes, small_images=args.small_images, image_size=args.image_size,
-                          proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=args.method,
-                          pairs=args.pairs or "arbitrary", beta=args.beta, temperature=args.temperature,
-                          gate_weight=args.gate_penalty, class_dist=run.class_dist, nearest_n=args.nearest_n).to(device)
-    model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
-    run.memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
-    model = model.to(memory_format=run.memory_format)
-    params = [p for p in model.parameters() if p.requires_grad]
-    run.amp_dtype, scaled, run.precision = choose_precision(args.precision, device)
-    run.scaler = torch.amp.GradScaler(device.type, enabled=scaled)  # fp16 only; otherwise it passes through
-    if args.optimizer == "lars":
-        opt = simlap.LARS(params, run.lr, args.weight_decay, args.momentum)
-    else:  # no weight decay on biases and norm weights, as LARS. fp16: the fused AdamW, which takes the scaler's
-        # scale and inf flag on the device (like LARS), so that the scaler adds no host sync per step
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1]},
-                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=run.lr, weight_decay=args.weight_decay, fused=scaled or None)
-    run.step, run.knn_untrained = 0, None
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-            opt.load_state_dict(ckpt["optimizer"])
-            if scaled and ckpt.get("scaler"):  # fp16's loss scale; a run that switches precision starts a new one
-                run.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {run.resume} does not fit this model/optimizer ({str(e).splitlines()[0]})")
-        run.step, run.knn_untrained = ckpt["step"], ckpt.get("knn_untrained")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        states = ckpt["rng"]["partners"]  # one per rank; exact resume needs the same world size
-        model.generator.set_state(states[rank() % len(states)])
-    wrapped = model
-    if world_size() > 1:
-        if device.type == "cuda":
-            wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    run.model, run.opt = model, opt
-    run.wrapped = torch.compile(wrapped, backend=args.compile) if args.compile else wrapped
-
-
-def train(args, run, device):
-    """The epoch loop, after the kNN of the untrained network (the baseline the trained kNN is read against):
-    checkpoints every epoch (and --save-every steps), log.jsonl, and at the end backbone.pt. Stopped by a signal
-    (STOP_SIGNALS), it checkpoints the step it finished and raises Preempted. However it ends, its loader's worker
-    processes end with it."""
-    sampler, loader = build_loader(args, run, device)
-    try:
-        train_epochs(args, run, device, sampler, loader)
-    except BaseException:
-        simlap.stop_workers(loader)
-        raise
-
-
-def train_epochs(args, run, device, sampler, loader):
-    main0, step = rank() == 0, run.step
-    announce(args, run, device, step)
-    if args.knn_every and step == 0:
-        run.knn_untrained = knn_on_rank0(run.model, run, args, device, "step 0 (untrained)", print)
-        log(args, dict(epoch=0, step=0, knn_top1=run.knn_untrained))
-    knn_last, start_step, nonfinite_step = run.knn_untrained, step, torch.tensor(-1, device=device)
-    bar = tqdm(total=run.total_steps, initial=step, disable=not main0, dynamic_ncols=True)
-    tick, tick_step, stats = time.time(), step, {}
-    for epoch in range(step // run.steps_per_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=step - epoch * run.steps_per_epoch)
-        run.wrapped.train()
-        for images, y, index in loader:
-            want_stats = (step + 1) % args.log_every == 0
-            loss, new_stats = train_step(args, run, device, (images, y, index), epoch, step, want_stats)
-            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
-            step += 1
-            bar.update(1)
-            stop = _stop_signal if world_size() == 1 else 0  # several processes: only where they sync (below)
-            save = (args.save_every and step % args.save_every == 0) or step - start_step == args.stop_after
-            if want_stats or save or stop:  # the host syncs of the loop: every --log-every steps, and to save
-                stop = check_run(device, nonfinite_step)
-            if want_stats:
-                ips = (step - tick_step) * args.batch_size / (time.time() - tick)
-                tick, tick_step = time.time(), step
-                stats = dict(new_stats, lr=run.opt.param_groups[0]["lr"], img_per_s=ips, **device_stats(run, device))
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.3g}",
-                                gate=f"{stats['gate_open']:.0f}/{args.proj_dim}", ips=f"{ips:.0f}")
-                log(args, dict(step=step, epoch=epoch, **stats))
-            if stop or save:
-                save_checkpoint(args, run, step)
-            if stop or step - start_step == args.stop_after:
-                bar.close()
-                if stop:
-                    raise preempted(args, run, step, stop)
-                if main0:
-                    print(f"stopped after {args.stop_after} steps at step {step}; rerun the same command to continue")
-                return
-        record, stop = dict(epoch=epoch + 1, step=step, **stats), check_run(device, nonfinite_step)  # before the kNN
-        if not stop and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            record["knn_top1"] = knn_last = knn_on_rank0(run.model, run, args, device, f"epoch {epoch + 1}", bar.write)
-        save_checkpoint(args, run, step)
-        log(args, record)  # after the checkpoint, so that a failed save leaves no record of a step it lost
-        if stop:
-            bar.close()
-            raise preempted(args, run, step, stop)
-    bar.close()
-    if main0:
-        finish(args, run.model, run.knn_untrained, knn_last)
-
-
-def train_step(args, run, device, batch, epoch, step, want_stats):
-    """One update at global step `step` -> (the loss, unscaled and detached; the model's stats if want_stats)."""
-    for group in run.opt.param_groups:
-        group["lr"] = get_lr(step, run.total_steps, run.warmup_steps, run.lr)
-    if args.moco_m is not None:  # MoCo v3: the momentum encoder moves before it computes this step's keys
-        run.model.update_momentum(get_momentum(step, run.total_steps, args.moco_m))
-    images, y, index = batch
-    keys = simlap.sample_keys(args.seed, epoch, index)  # the batch's augmentation keys, in one call
-    images, y, keys = (t.to(device, non_blocking=True) for t in (images, y, keys))
-    x1, x2 = (x.contiguous(memory_format=run.memory_format) for x in simlap.two_views(images, keys, args.image_size))
-    with torch.autocast(device.type, run.amp_dtype, enabled=run.amp_dtype is not None):  # the losses stay fp32
-        loss, stats = run.wrapped(x1, x2, y, stats=want_stats)
-    run.opt.zero_grad(set_to_none=True)
-    # fp16: the scaler multiplies the loss before backward and skips the update where the scaled gradients overflow.
-    # That is routine, not a non-finite loss (train() checks the unscaled loss). A skipped step still moves the data
-    # and the lr and momentum schedules on (pure functions of the step); the optimizer state (LARS momentum, AdamW's
-    # moments and step count) and the weights stay as they were. bf16 and fp32: the scaler passes everything through.
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    return loss.detach(), stats
-
-
-def device_stats(run, device):
-    """For log.jsonl: fp16's loss scale (halved at every skipped step) and the peak GPU memory so far."""
-    out = dict(grad_scale=run.scaler.get_scale()) if run.scaler.is_enabled() else {}
-    if device.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return out
-
-
-def save_checkpoint(args, run, step):
-    """<output-dir>/checkpoint.pt, written atomically by rank 0 with a checksum: everything an exact resume at `step`
-    needs. The checkpoint it replaces stays as checkpoint.prev.pt."""
-    partners = gather_states(run.model.generator.get_state())  # a collective: every rank takes part
-    if rank() == 0:
-        moco_m = get_momentum(step, run.total_steps, args.moco_m) if args.moco_m is not None else None
-        ckpt = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=step,
-                    epoch=step // run.steps_per_epoch, args=run.meta, knn_untrained=run.knn_untrained,
-                    rng=dict(torch=torch.get_rng_state(), partners=partners), moco_m=moco_m,
-                    scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None)
-        ckpt["checksum"] = simlap.checksum(ckpt)  # checked by every load (simlap.load_tensors)
-        simlap.save_atomic(ckpt, run.ckpt_path, keep_previous=True)  # the one it replaces: checkpoint.prev.pt
-
-
-def log(args, record):
-    """One JSON line in <output-dir>/log.jsonl, by rank 0."""
-    if rank() == 0:
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def build_loader(args, run, device):
-    """-> (this rank's EpochSampler, its DataLoader of (uint8 images, labels, indices)). The loader only decodes (and
-    crops variable-size images); two_views() augments whole batches on the device."""
-    train_set = simlap.TwoViews(run.train_raw if run.labels is None else simlap.Relabelled(run.train_raw, run.labels),
-                                args.image_size, args.seed, crop=args.dataset not in simlap.FIXED_SIZE)
-    sampler = simlap.EpochSampler(len(train_set), run.per_gpu_batch, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=run.per_gpu_batch, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, drop_last=True,
-                                         worker_init_fn=ignore_stop_signals)
-    return sampler, loader
-
-
-def announce(args, run, device, step):
-    """The start lines (derived values, the demo's departures from the paper's recipe), and args.json."""
-    if rank() != 0:
-        return
-    print(f"SimLAP {args.arch} on {args.dataset} ({len(run.train_raw)} images, {run.num_classes} classes), "
-          f"{world_size()} x {run.per_gpu_batch} = batch {args.batch_size}, effective lr {run.lr:g}, "
-          f"{run.total_steps} steps, device {device}, precision {run.precision}" + (
-              f", resuming at step {step} from {run.resume}" if step else ""), flush=True)
-    if args.demo_departures:
-        print("demo defaults that depart from the paper's recipe (Table 5a): " + ", ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in args.demo_departures.items()), flush=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(run.meta, f, indent=1)
-
-
-def knn_on_rank0(model, run, args, device, when, write):
-    """The kNN monitor on rank 0 (the others wait): -> its top-1 on rank 0, None elsewhere."""
-    top1 = None
-    if rank() == 0:
-        top1 = knn_monitor(model, run.train_raw, run.test_set, args, device)
-        write(f"{when}: kNN top-1 {100 * top1:.1f}%")
-    if world_size() > 1:
-        dist.barrier()
-    return top1
-
-
-def finish(args, model, knn_untrained, knn_last):
-    torch.save(model.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pt"))
-    stem = " after the small-image stem" if args.small_images else ""
-    into = (f"torchvision's {args.arch} with fc=Identity{stem}" if args.arch.startswith("resnet") else
-            f"simlap.build_backbone('{args.arch}')")
-    print(f"done: {args.output_dir}/checkpoint.pt and backbone.pt (loads strictly into {into})")
-    if knn_untrained is not None and knn_last is not None:
-        print(f"kNN top-1 on the test split: untrained {100 * knn_untrained:.1f}% -> trained {100 * knn_last:.1f}%")
-
-
-def gather_states(state):
-    """Every rank's partner-sampler RNG state (the partners differ per rank), gathered to rank 0."""
-    if world_size() == 1:
-        return [state]
-    out = [None] * world_size()
-    dist.all_gather_object(out, state)
-    return out
-
-
-def choose_precision(requested, device):
-    """--precision -> (autocast dtype, None for fp32; whether fp16's gradient scaler runs; what and why, said at
-    start). The losses compute in fp32 inside autocast whatever is chosen."""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    if requested == "auto" and gpu is None:
-        return None, False, "fp32 (auto: on the CPU)"
-    if requested == "auto":
-        if simlap.autocast_dtype(device) == torch.bfloat16:
-            return torch.bfloat16, False, f"bf16 (auto: the {gpu} computes in bfloat16)"
-        return torch.float16, True, f"fp16 with a gradient scaler (auto: the {gpu} has no native bfloat16)"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
-    note = ""
-    if gpu and dtype == torch.bfloat16 and simlap.autocast_dtype(device) != dtype:
-        note = f"; the {gpu} emulates bfloat16, slowly: fp16 is its fast mixed precision"
-    elif gpu is None and dtype == torch.float16:
-        note = "; slow on the CPU, which has no fast fp16 convolutions: for testing"
-    scaled = dtype == torch.float16
-    return dtype, scaled, f"{requested}{' with a gradient scaler' if scaled else ''} (--precision {requested}{note})"
-
-
-def spans(numbers):
-    """[0, 1, 2, 5] -> '0-2, 5'"""
-    out = []
-    for n in numbers:
-        if out and out[-1][1] == n - 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in out)
-
-
-_stop_signal = 0  # the stop signal (STOP_SIGNALS) this process received while training, 0 if none
-
-
-@contextlib.contextmanager
-def catch_stop_signals():
-    """While training, SIGTERM and SIGUSR1 set a flag instead of killing the process: the loop then finishes its
-    step, checkpoints and stops (check_run). Signal handlers live in the main thread only: elsewhere (a thread
-    of a notebook) the signals keep their default action."""
-    global _stop_signal
-    _stop_signal = 0
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def note(signum, frame):
-        global _stop_signal
-        if signum == _stop_signal == signal.SIGINT:  # Ctrl-C twice: stop now, without the checkpoint
-            raise KeyboardInterrupt
-        _stop_signal = signum
-
-    before = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave the stop signals to the main process: torchrun, SLURM and Ctrl-C signal whole process
-    groups, and a worker killed by one would crash the main process at its next batch. The main process shuts its
-    workers down on every way out (simlap.stop_workers, simlap.end_workers)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def check_run(device, nonfinite_step):
-    """-> the stop signal that any rank received (0: none); raises NonFiniteLoss if any rank's loss was not finite
-    (nonfinite_step: its first such step, -1 if none). The same on every rank, so that all stop at one step. Several
-    processes: a MAX all-reduce of two numbers, a collective and a host sync, so train() asks only where it syncs
-    anyway (every --log-every steps, to save, and at the end of each epoch). A run then stops at most --log-every
-    steps after the signal (one step in a single process), plus the time to write the checkpoint."""
-    last = 2 ** 62  # the first bad step s is sent as last - s, so that MAX finds the earliest over ranks (0: none)
-    status = torch.stack([torch.tensor(_stop_signal, device=device),
-                          torch.where(nonfinite_step < 0, 0, last - nonfinite_step)])
-    if world_size() > 1:
-        dist.all_reduce(status, op=dist.ReduceOp.MAX)
-    stop, bad = status.tolist()
-    if bad:
-        raise NonFiniteLoss(f"loss is not finite at step {last - bad}; stopped, the last checkpoint is untouched "
-                            "(try a lower --base-lr or a longer --warmup-epochs)" if rank() == 0 else "")
-    return stop
-
-
-def preempted(args, run, step, signum):
-    """-> the Preempted to raise on every rank once the checkpoint at `step` is written; only rank 0's has words."""
-    name = signal.Signals(signum).name
-    log(args, dict(step=step, stopped_by=name))
-    return Preempted(f"stopped by {name} at step {step} of {run.total_steps}, {run.ckpt_path} written; run the same "
-                     f"command again to continue (exit code {Preempted.exit_code})" if rank() == 0 else "")
-
-
-def teardown():
-    unlock_output_dir()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 _lock = None  # the open lock file of the output folder this process holds (rank 0 of a run)
 
 
 def lock_output_dir(folder):
-    """An advisory lock on the output folder, held by rank 0 for the whole run, so that two live runs never write
-    one checkpoint.pt (e.g. the torchrun workers of a launcher killed with -9, which live on, and its restart).
-    fcntl.flock decides: the kernel drops it when its holder dies, however it dies, so a dead run never blocks a
-    restart and a reused pid is never taken for a live run. The pid, host and start time written in the file only
-    name the holder in messages; text left by a dead run means that run is gone, and it is taken over."""
+    """An advisory lock (fcntl.flock) on the output folder, held by rank 0 for the whole run, so that two live runs
+    never write one checkpoint.pt. The kernel drops it when its holder dies, however it dies: a dead run never blocks
+    a restart. The pid, host and start time in train.lock only name the holder in messages."""
     global _lock
     unlock_output_dir()  # one run per process: a main() that ended by an exception (Ctrl-C in a notebook) held it
     f = open(os.path.join(folder, "train.lock"), "a+")  # creates it if missing, changes nothing otherwise
@@ -767,6 +634,92 @@ def unlock_output_dir():
         fcntl.flock(_lock, fcntl.LOCK_UN)  # explicitly: forked loader workers share the file
         _lock.close()
         _lock = None
+
+
+_stop_signal = 0  # the stop signal (STOP_SIGNALS) this process received while training, 0 if none
+
+
+@contextlib.contextmanager
+def catch_stop_signals():
+    """While training, the stop signals set a flag instead of killing the process: the loop then finishes its step,
+    checkpoints and stops (check_run). Handlers live in the main thread only: elsewhere (a notebook's thread) the
+    signals keep their default action."""
+    global _stop_signal
+    _stop_signal = 0
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        global _stop_signal
+        if signum == _stop_signal == signal.SIGINT:  # Ctrl-C twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        _stop_signal = signum
+
+    before = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave the stop signals to the main process, which shuts them down on every way out:
+    torchrun, SLURM and Ctrl-C signal whole process groups, and a killed worker would crash the main process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def check_run(device, nonfinite_step):
+    """-> the stop signal that any rank received (0: none); raises NonFiniteLoss if any rank's loss was not finite
+    (nonfinite_step: its first such step, -1 if none). The same on every rank, so that all stop at one step. Several
+    processes: a MAX all-reduce, a collective and a host sync, so train() asks only where it syncs anyway (every
+    --log-every steps, to save, and at the end of each epoch): a run stops at most --log-every steps after a signal."""
+    last = 2 ** 62  # the first bad step s is sent as last - s, so that MAX finds the earliest over ranks (0: none)
+    status = torch.stack([torch.tensor(_stop_signal, device=device),
+                          torch.where(nonfinite_step < 0, 0, last - nonfinite_step)])
+    if world_size() > 1:
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+    stop, bad = status.tolist()
+    if bad:
+        raise NonFiniteLoss(f"loss is not finite at step {last - bad}; stopped, the last checkpoint is untouched "
+                            "(try a lower --base-lr or a longer --warmup-epochs)" if rank() == 0 else "")
+    return stop
+
+
+def preempted(args, run, step, signum):
+    """-> the Preempted to raise on every rank once the checkpoint at `step` is written; only rank 0's has words."""
+    name = signal.Signals(signum).name
+    log(args, dict(step=step, stopped_by=name))
+    return Preempted(f"stopped by {name} at step {step} of {run.total_steps}, {run.ckpt_path} written; run the same "
+                     f"command again to continue (exit code {Preempted.exit_code})" if rank() == 0 else "")
+
+
+def choose_precision(requested, device):
+    """--precision -> (autocast dtype, None for fp32; whether fp16's gradient scaler runs; what and why, said at
+    start). The losses compute in fp32 inside autocast whatever is chosen."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if requested == "auto" and gpu is None:
+        return None, False, "fp32 (auto: on the CPU)"
+    if requested == "auto":
+        if simlap.autocast_dtype(device) == torch.bfloat16:
+            return torch.bfloat16, False, f"bf16 (auto: the {gpu} computes in bfloat16)"
+        return torch.float16, True, f"fp16 with a gradient scaler (auto: the {gpu} has no native bfloat16)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[requested]
+    note = ""
+    if gpu and dtype == torch.bfloat16 and simlap.autocast_dtype(device) != dtype:
+        note = f"; the {gpu} emulates bfloat16, slowly: fp16 is its fast mixed precision"
+    elif gpu is None and dtype == torch.float16:
+        note = "; slow on the CPU, which has no fast fp16 convolutions: for testing"
+    scaled = dtype == torch.float16
+    return dtype, scaled, f"{requested}{' with a gradient scaler' if scaled else ''} (--precision {requested}{note})"
+
+
+def teardown():
+    unlock_output_dir()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cli(argv=None):
