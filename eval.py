@@ -771,7 +771,7 @@ def load_eval_data(args, backbone, info):
         raise UserError(f"--image-size {size}: this ViT was built for {backbone.image_size} px images")
     per_class = args.synthetic_per_class or info.get("synthetic_per_class")
     # a checkpoint trained on some classes (train.py --classes) is evaluated on those by default
-    classes = args.classes or (simlap.trained_classes(info) if dataset == info.get("dataset") else None)
+    classes = args.classes or (info.get("classes") if dataset == info.get("dataset") else None)
     splits = {s: load_split(dataset, data, s, size, per_class, args.download, classes) for s in ("train", "test")}
     n_train = len(splits["train"])
     if max(args.k, PAPER_K) > n_train:
@@ -826,7 +826,7 @@ def analyses(model, info, test_f, test_y, device):
         # trained on; the eval set plays no part in the gates. Pseudo labels have none.
         attributes = None
         if not info.get("labels"):  # pseudo labels have no attributes
-            attributes = simlap.class_attributes(info.get("dataset"), simlap.trained_classes(info))
+            attributes = simlap.class_attributes(info.get("dataset"), info.get("classes"))
             attributes = attributes if attributes is not None and len(attributes) == model.num_classes else None
         res["gates"] = gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes)
     return res
