@@ -607,10 +607,6 @@ class SyntheticShapes(torch.utils.data.Dataset):
         img = img + 0.03 * torch.randn(N, 3, size, size, generator=gen)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), mask[:, 0] > 0
 
-    def attribute_distance(self):
-        """(K, K) number of attributes two classes differ in: the built-in class distance for pairs='nearest'."""
-        return class_distance(self.attributes)  # with two attributes, the same thing
-
     def __len__(self):
         return len(self.targets)
 

@@ -467,7 +467,7 @@ def test_arbitrary_partners_follow_class_frequency_and_uniform_mode_does_not():
 
 def test_nearest_partners_respect_distance_and_presence():
     ds = simlap.SyntheticShapes("test", per_class=1)
-    dist = ds.attribute_distance()  # (16, 16): 0, 1 or 2 attributes differ
+    dist = simlap.class_distance(ds.attributes)  # (16, 16): 0, 1 or 2 attributes differ
     y = torch.arange(16).repeat(4)
     y2 = simlap.sample_partners(y, "nearest", class_dist=dist, n=1, generator=torch.Generator().manual_seed(0))
     assert (dist[y, y2] == 1).all()  # the closest other classes differ in exactly one attribute
