@@ -456,7 +456,7 @@ def load_eval_data(args, backbone, info):
     size = image_size(args, backbone, info)
     per_class = args.synthetic_per_class or info.get("synthetic_per_class")
     # a checkpoint trained on some classes (train.py --classes) is evaluated on those by default
-    classes = args.classes or (simlap.trained_classes(info) if dataset == info.get("dataset") else None)
+    classes = args.classes or (info.get("classes") if dataset == info.get("dataset") else None)
     splits = {s: load_split(dataset, data, s, size, per_class, args.download, classes) for s in ("train", "test")}
     n_train = len(splits["train"])
     check_bank(args, n_train)

@@ -7,7 +7,8 @@
 
 Any two classes may be a positive pair: the filter opens the subspace where the two share features, and samples
 of neither class are the negatives. Read in order:
-    I.   The method: filter, gate penalty, partner sampling, eq. 2 (torch only: copy this part alone).
+    I.   The method: filter, gate penalty, partner sampling, eq. 2 (torch only: copy this part alone; its head
+         says how to call it).
     II.  The model: heads, the baselines' losses, METHODS (what each method uses), SimLAP, LARS, backbones.
     III. What train.py and eval.py share: distributed helpers, data, augmentation, kNN, command-line helpers.
 """
@@ -33,6 +34,17 @@ from torchvision.transforms import v2
 
 
 # ============================================================================================ I. The method
+# Copied alone, this part needs only `import math`, `import torch`, `import torch.nn as nn` and
+# `import torch.nn.functional as F`. One step on two views x1, x2 (B, 3, H, W) of images labelled y (B,):
+#     z1, z2 = projector(backbone(x1)), projector(backbone(x2))      # (B, D) each
+#     y2 = sample_partners(y)                 # (B,) partners; -1 where the batch has none ('distinct', 'nearest')
+#     g = feature_filter(y, y2.clamp_min(0))  # (B, D), eq. 3; an anchor with y2 = -1 has no positive and adds nothing
+#     loss = (simlap_loss(z1, z2, y, y2, g) + simlap_loss(z2, z1, y, y2, g)) / 2  # symmetric: each view anchors once
+#     loss = loss + gate_weight * gate_penalty(feature_filter)                     # eq. 5, optional
+# Under DDP the keys are every rank's views gathered with gradient (simlap_loss(z1, all_gather(z2), y, y2, g, τ,
+# all_gather(y), divisor)), and both calls get one divisor: the positive pairs summed over ranks / world size, so that
+# DDP's gradient average is the one-process update on the global batch (SimLAP.pair_loss, ddp_divisor).
+# The speed-up block at the end (simlap_loss, its fused autograd kernel): simlap_loss_reference, fast.
 class FeatureFilter(nn.Module):
     """Label pair -> gate vector in (0,1)^D: g(y1,y2) = sigmoid(f_g((f_l(y1) + f_l(y2)) / 2)) (eq. 3, Table 5c).
     With one label it is the class gate g(y) = sigmoid(f_g(f_l(y))) (eq. 4)."""
@@ -120,6 +132,7 @@ def simlap_loss_reference(q, k, y, y2, gates, temperature=0.1, key_labels=None):
     return nll[pos].sum() / pos.sum().clamp_min(1)
 
 
+# ------------------------------------------------------------------ speed-up: eq. 2 without a (B, N, D) tensor
 def simlap_loss(q, k, y, y2, gates, temperature=0.1, key_labels=None, divisor=None, eps=1e-8):
     """Eq. 2, fast: the value and gradient of simlap_loss_reference (same arguments) without a (B, N, D) tensor,
     in fp32 (fp64 stays fp64) even under autocast. The sum over pairs is divided by their count, or by `divisor`
@@ -280,6 +293,14 @@ def moco_loss(q1, q2, k1, k2, temperature=0.2):
         return ctr(q1, k2) + ctr(q2, k1)
 
 
+class Pairs(NamedTuple):
+    """How SimLAP draws each anchor's partner class (sample_partners): a mode of PAIR_MODES, and for 'nearest' the
+    number n of closest classes and the (K, K) class distance."""
+    mode: str = "arbitrary"
+    nearest_n: int = 1
+    class_dist: torch.Tensor = None
+
+
 class SimLAP(nn.Module):
     """backbone + projector + feature filter; forward(x1, x2, y) -> (loss, stats), the loss as METHODS[method]
     says: eq. 2 on partner pairs (pairs=) gated by the filter or by all-ones gates, an instance loss, or both,
@@ -287,16 +308,16 @@ class SimLAP(nn.Module):
     update_momentum). Works unchanged under DDP: anchors stay local, keys and labels are gathered from all ranks
     (with gradient, except the momentum encoder's keys, which have none)."""
 
-    def __init__(self, arch="resnet18", num_classes=16, *, small_images=False, image_size=None, proj_hidden=2048,
-                 proj_dim=256, method="simlap", pairs="arbitrary", beta=1.0, temperature=0.1, gate_weight=0.0,
-                 class_dist=None, nearest_n=1):
+    def __init__(self, arch="resnet18", num_classes=16, *, small_images=False, image_size=None,  # the backbone
+                 proj_hidden=2048, proj_dim=256,  # the heads
+                 method="simlap", pairs=Pairs(), beta=1.0, temperature=0.1, gate_weight=0.0):  # the loss
         super().__init__()
-        for name, value, allowed in (("method", method, METHODS), ("pair mode", pairs, PAIR_MODES)):
+        for name, value, allowed in (("method", method, METHODS), ("pair mode", pairs.mode, PAIR_MODES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         self.spec = spec = METHODS[method]
-        if spec.pairs and pairs == "nearest" and class_dist is None:
-            raise ValueError("pairs='nearest' needs a (K, K) class_dist")
+        if spec.pairs and pairs.mode == "nearest" and pairs.class_dist is None:
+            raise ValueError("Pairs('nearest') needs a (K, K) class_dist")
         self.backbone, self.feature_dim = build_backbone(arch, small_images, image_size)
         if spec.momentum:  # erow/hydra's heads: projector in -> H -> H -> D, predictor D -> H -> D
             self.projector = Projector(self.feature_dim, proj_hidden, proj_dim, layers=3, norm_input=False)
@@ -310,7 +331,8 @@ class SimLAP(nn.Module):
         if not spec.filter:
             self.filter.requires_grad_(False)  # unused: keeps DDP and the optimizer away from it
         self.num_classes, self.method, self.pairs, self.beta = num_classes, method, pairs, beta
-        self.temperature, self.gate_weight, self.nearest_n = temperature, gate_weight, nearest_n  # τ, λ of eq. 5
+        self.temperature, self.gate_weight = temperature, gate_weight  # τ, λ of eq. 5
+        class_dist = pairs.class_dist  # a buffer, so that .to(device) moves it
         self.register_buffer("class_dist", class_dist.float() if class_dist is not None else None, persistent=False)
         self.generator = None  # torch.Generator for partner sampling (train.py sets and checkpoints it)
 
@@ -322,8 +344,8 @@ class SimLAP(nn.Module):
         key_y, gates = gather(y), torch.ones_like(q1)  # labels of the global batch; all-ones gates: the full space
         if spec.pairs:
             if y2 is None:
-                y2 = sample_partners(y, self.pairs, key_y, self.num_classes, self.class_dist, self.nearest_n,
-                                     self.generator)
+                y2 = sample_partners(y, self.pairs.mode, key_y, self.num_classes, self.class_dist,
+                                     self.pairs.nearest_n, self.generator)
             if spec.filter:
                 gates = self.filter(y, y2.clamp_min(0))  # (B, D), eq. 3
             pos = y2[:, None] == key_y[None, :]  # (B, N): each anchor's positives, the keys of its partner class
@@ -413,8 +435,6 @@ class LARS(torch.optim.Optimizer):
                     ok = found_inf == 0
                     buf.copy_(torch.where(ok, buf * group["momentum"] + g, buf))
                     p.sub_(torch.where(ok, buf * group["lr"], 0))
-
-
 
 
 ARCHS = ("convnet", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base")
@@ -587,10 +607,6 @@ class SyntheticShapes(torch.utils.data.Dataset):
         img = img + 0.03 * torch.randn(N, 3, size, size, generator=gen)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), mask[:, 0] > 0
 
-    def attribute_distance(self):
-        """(K, K) number of attributes two classes differ in: the built-in class distance for pairs='nearest'."""
-        return class_distance(self.attributes)  # with two attributes, the same thing
-
     def __len__(self):
         return len(self.targets)
 
@@ -641,7 +657,7 @@ def _idx_file(path):
 def read_idx(path, ndim):
     """The idx file (LeCun's MNIST format: bytes 0, 0, 0x08 = uint8, ndim; each dimension as a big-endian 4-byte
     integer; the data) at path or path + '.gz' -> uint8 tensor of ndim dimensions. ValueError naming the file if it
-    is not one."""
+    is not one. (torchvision's reader opens only uncompressed files, and asserts on a truncated one.)"""
     path = _idx_file(path) or path
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -795,6 +811,7 @@ class TwoViews(torch.utils.data.Dataset):
             return torch.stack([self.transform(img), self.transform(img)]).as_subclass(torch.Tensor), label, i
 
 
+# ----------------------------------------------------------------------------------------------- data sets
 class Transformed(torch.utils.data.Dataset):
     """A data set seen through a transform (e.g. the train split with the eval transform for a kNN bank)."""
 
@@ -1121,7 +1138,6 @@ def ranged(kind, low, high=None, low_open=False, high_open=False):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
 
-    parse.bounds = (kind, low, high, low_open, high_open)  # for the tests
     return parse
 
 
@@ -1139,12 +1155,6 @@ def class_ids(text):
     if len(ids) < 2 or len(set(ids)) < len(ids) or min(ids) < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not at least 2 distinct class ids, comma-separated, e.g. 0,1,3")
     return ids
-
-
-def trained_classes(train_args):
-    """The --classes a train.py run trained on (None: all), from its args (older checkpoints name them
-    synthetic_classes)."""
-    return train_args.get("classes", train_args.get("synthetic_classes"))
 
 
 def load_tensors(path):

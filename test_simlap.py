@@ -467,7 +467,7 @@ def test_arbitrary_partners_follow_class_frequency_and_uniform_mode_does_not():
 
 def test_nearest_partners_respect_distance_and_presence():
     ds = simlap.SyntheticShapes("test", per_class=1)
-    dist = ds.attribute_distance()  # (16, 16): 0, 1 or 2 attributes differ
+    dist = simlap.class_distance(ds.attributes)  # (16, 16): 0, 1 or 2 attributes differ
     y = torch.arange(16).repeat(4)
     y2 = simlap.sample_partners(y, "nearest", class_dist=dist, n=1, generator=torch.Generator().manual_seed(0))
     assert (dist[y, y2] == 1).all()  # the closest other classes differ in exactly one attribute
@@ -2229,6 +2229,26 @@ def numeric_flags(module):
     return {a.option_strings[0]: a for a in module.build_parser()._actions if a.option_strings}
 
 
+def bounds(parse):
+    """(kind, low, high, low_open, high_open) of a simlap.ranged type, read off the line it gives for a non-number
+    ("x is not an integer >= 1", "x is not a number in [0, 1)"); None for any other type."""
+    try:
+        parse("x")
+    except argparse.ArgumentTypeError as e:
+        m = re.fullmatch(r"x is not (an integer|a number) (?:(>=?) (\S+)|in ([\[(])(\S+), (\S+)([\])]))", str(e))
+    except Exception:  # int, float, str ...
+        return None
+    else:
+        return None
+    if m is None:
+        return None
+    kind = int if m[1] == "an integer" else float
+    number = lambda text: int(text) if re.fullmatch(r"-?\d+", text) else float(text)  # noqa: E731
+    if m[2]:
+        return kind, number(m[3]), None, m[2] == ">", False
+    return kind, number(m[5]), number(m[6]), m[4] == "(", m[7] == ")"
+
+
 def bad_values(kind, low, high, low_open, high_open):
     """Values just outside the range, one of the wrong kind, and one that is no number."""
     out = [str(low if low_open else low - 1), "2.5" if kind is int else "nan", "x"]
@@ -2236,8 +2256,8 @@ def bad_values(kind, low, high, low_open, high_open):
 
 
 BAD_FLAGS = [(script, flag, bad) for script, module in (("train", train), ("eval", ev))
-             for flag, action in numeric_flags(module).items() if hasattr(action.type, "bounds")
-             for bad in bad_values(*action.type.bounds)]
+             for flag, action in numeric_flags(module).items() if bounds(action.type)
+             for bad in bad_values(*bounds(action.type))]
 
 
 def snapshot(folder):
@@ -2252,8 +2272,8 @@ def test_every_numeric_flag_has_a_range_holding_its_default(module):
     """A flag added later with type=int (or a numeric default and no type) fails here: use simlap.positive_int & co."""
     for flag, a in numeric_flags(module).items():
         if a.type in (int, float) or type(a.default) in (int, float):
-            assert hasattr(a.type, "bounds"), f"{flag}: give it a simlap.ranged type"
-        if hasattr(a.type, "bounds") and a.default is not None:
+            assert bounds(a.type), f"{flag}: give it a simlap.ranged type"
+        if bounds(a.type) and a.default is not None:
             assert a.type(str(a.default)) == a.default, flag
     assert len(BAD_FLAGS) > 60
 

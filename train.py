@@ -428,7 +428,7 @@ def load_checkpoint(path, args, num_classes):
                      ("moco_m", args.moco_m), ("num_classes", num_classes), ("proj_dim", args.proj_dim),
                      ("proj_hidden", args.proj_hidden), ("small_images", args.small_images),
                      ("classes", args.classes), ("labels_fingerprint", args.labels_fingerprint)):
-        was = simlap.trained_classes(ckpt["args"]) if key == "classes" else ckpt["args"].get(key)
+        was = ckpt["args"].get(key)
         if was != now:
             raise UserError(f"checkpoint {path} has {key}={was} but this run has {now}; "
                             "use the same flags or another --output-dir")
@@ -441,8 +441,8 @@ def build_model(args, run, device, ckpt):
     the untrained network's kNN (knn_untrained)."""
     model = simlap.SimLAP(args.arch, run.num_classes, small_images=args.small_images, image_size=args.image_size,
                           proj_hidden=args.proj_hidden, proj_dim=args.proj_dim, method=args.method,
-                          pairs=args.pairs or "arbitrary", beta=args.beta, temperature=args.temperature,
-                          gate_weight=args.gate_penalty, class_dist=run.class_dist, nearest_n=args.nearest_n).to(device)
+                          pairs=simlap.Pairs(args.pairs or "arbitrary", args.nearest_n, run.class_dist), beta=args.beta,
+                          temperature=args.temperature, gate_weight=args.gate_penalty).to(device)
     model.generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank())
     memory_format = torch.contiguous_format if args.arch.startswith("vit") else torch.channels_last
     model = model.to(memory_format=memory_format)

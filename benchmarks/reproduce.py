@@ -364,10 +364,10 @@ def verdicts(s, shared="sharing an attribute"):
                   f"{fmt('untrained', 'gate_entropy', '{:.3f}')} nats",
           lambda: beats([-x for x in v("SimLAP", "gate_entropy")], [-x for x in v("untrained", "gate_entropy")],
                         statistics.mean(v("untrained", "gate_entropy")) / 2))
-    claim("7 SimLAP-MoCo at least matches SimLAP", ("SimLAP-MoCo", "SimLAP"),
+    claim("7a SimLAP-MoCo at least matches SimLAP", ("SimLAP-MoCo", "SimLAP"),
           lambda: f"unseen kNN {fmt('SimLAP-MoCo', 'unseen_knn')} vs {fmt('SimLAP', 'unseen_knn')}",
           lambda: matches(v("SimLAP-MoCo", "unseen_knn"), v("SimLAP", "unseen_knn")))
-    claim("7 SimLAP on pseudo labels at least matches SimCLR, its label source", ("SimLAP-pseudo", "SimCLR"),
+    claim("7b SimLAP on pseudo labels at least matches SimCLR, its label source", ("SimLAP-pseudo", "SimCLR"),
           lambda: f"unseen kNN {fmt('SimLAP-pseudo', 'unseen_knn')} vs {fmt('SimCLR', 'unseen_knn')}",
           lambda: matches(v("SimLAP-pseudo", "unseen_knn"), v("SimCLR", "unseen_knn")))
     return out

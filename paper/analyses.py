@@ -124,7 +124,7 @@ def analyses(model, info, test_f, test_y, device):
         # trained on; the eval set plays no part in the gates. Pseudo labels have none.
         attributes = None
         if not info.get("labels"):  # pseudo labels have no attributes
-            attributes = simlap.class_attributes(info.get("dataset"), simlap.trained_classes(info))
+            attributes = simlap.class_attributes(info.get("dataset"), info.get("classes"))
             attributes = attributes if attributes is not None and len(attributes) == model.num_classes else None
         res["gates"] = gate_analysis(class_gates(model.filter), model.filter.embed.weight, attributes)
     return res
