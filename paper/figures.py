@@ -480,7 +480,6 @@ def draw_tsne(maps, tsne_numbers, plan):
 
 
 def draw_clam(clam, pictures):
-    columns = {"global": "global space", "y1": "subspace of y1", "y2": "subspace of y2"}
     header, rows = ["anchor (y1)", "positive (y2)"], []
     for r, (anchor, positive, maps) in zip(clam["pairs"], pictures):
         row = [(anchor, r["y1"]), (positive, r["y2"])]
@@ -491,13 +490,13 @@ def draw_clam(clam, pictures):
                     f"\n{100 * share:.0f}% on the shape" if share is not None else "")
                 row.append((plot.overlay(anchor, heat / heat.max().clamp_min(1e-12)), caption))
         rows.append(row)
-    header += [f"{columns[k]}, {kind}" for k in pictures[0][2]["gradcam"] for kind in ("Grad-CAM", "occlusion")][
-        :len(rows[0]) - 2] if rows else []
+    header += [f"{k} {kind}" for k in pictures[0][2]["gradcam"] for kind in ("CAM", "occl.")] if rows else []
     area = f"; the shapes cover {100 * clam['area']:.0f}% of the images, what a uniform map puts on them" if (
         "area" in clam) else ""
     grid = "x".join(map(str, clam["grid"]))
-    return plot.panels([plot.tiles(rows, header)], f"Fig. 6: CLAM, Grad-CAM at {clam['layer']} ({grid}) and occlusion "
-                       f"of the anchor's mean similarity to the positive over {clam['views']} views (sim){area}")
+    return plot.panels([plot.tiles(rows, header)], f"Fig. 6: CLAM, Grad-CAM (CAM) at {clam['layer']} ({grid}) and occlusion "
+                       f"(occl.) of the anchor's mean similarity to the positive over {clam['views']} views (sim), "
+                       f"globally and in the subspaces of y1 and y2{area}")
 
 
 def draw_gates(gates, names):
