@@ -1342,6 +1342,73 @@ def test_eval_linear_probe_separable_and_random_labels():
     assert res["test_top1"] < 20 and res["train_top1"] > 30
 
 
+
+def newton_logistic(x, y, C, wd, steps=30):
+    """An independent solver of linear_probe's objective: Newton's method in float64 on (N, F) standardised features,
+    the Hessian by autograd, its pseudo-inverse (the bias may shift freely: the Hessian is singular there)
+    -> (W (C, F), b (C,), objective, Hessian at the optimum)."""
+    x = ((x - x.mean(0)) / x.std(0)).double()
+    F_ = x.shape[1]
+
+    def f(theta):
+        W, b = theta[:C * F_].view(C, F_), theta[C * F_:]
+        return torch.nn.functional.cross_entropy(x @ W.T + b, y) + wd / 2 * W.square().sum()
+
+    theta = torch.zeros(C * F_ + C, dtype=torch.float64)
+    for _ in range(steps):
+        g = torch.autograd.functional.jacobian(f, theta)
+        H = torch.autograd.functional.hessian(f, theta)
+        theta = theta - torch.linalg.pinv(H, hermitian=True) @ g
+    assert torch.autograd.functional.jacobian(f, theta).abs().max() < 1e-12  # at the optimum, to rounding
+    return theta[:C * F_].view(C, F_), theta[C * F_:], f(theta).item(), H
+
+
+def test_linear_probe_stops_at_the_optimum():
+    """The probe runs until its gradient's largest entry is below PROBE_TOL: its objective is then within the bound
+    that tolerance gives of the optimum found by an independent Newton solver (f - f* <= P tol^2 / (2 lambda_min),
+    lambda_min the Hessian's smallest non-zero eigenvalue), and its accuracies are the optimum's. A capped run that
+    stops short says so."""
+    g = torch.Generator().manual_seed(0)
+    C, F_, wd = 3, 6, 1e-3
+    y, y_test = torch.randint(C, (300,), generator=g), torch.randint(C, (300,), generator=g)
+    centres = torch.randn(C, F_, generator=g)
+    x, x_test = (centres[t] + 1.5 * torch.randn(len(t), F_, generator=g) + 3 for t in (y, y_test))
+    W, b, f_star, H = newton_logistic(x, y, C, wd)
+    eig = torch.linalg.eigvalsh(H)
+    bound = len(eig) * ev.PROBE_TOL ** 2 / (2 * eig[eig > 1e-9].min().item())
+    res = ev.linear_probe(x, y, x_test, y_test, weight_decay=wd)
+    assert res["converged"] and res["grad_max"] <= ev.PROBE_TOL and 0 < res["iters"] < ev.PROBE_ITERS
+    assert -1e-12 <= res["objective"] - f_star <= bound
+    mean, std = x.mean(0), x.std(0)
+    top1 = lambda a, t: 100 * (((a - mean) / std).double() @ W.T + b).argmax(1).eq(t).float().mean().item()  # noqa
+    assert (res["train_top1"], res["test_top1"]) == (top1(x, y), top1(x_test, y_test))
+    short = ev.linear_probe(x, y, x_test, y_test, weight_decay=wd, iters=2)
+    assert not short["converged"] and short["iters"] == 2 and short["objective"] - f_star > bound
+
+
+PROBE_THREADS = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+import eval as ev
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+y, y_test = torch.randint(10, (1000,), generator=g), torch.randint(10, (1000,), generator=g)
+centres = torch.randn(10, 32, generator=g)
+x, x_test = (centres[t] + 2 * torch.randn(len(t), 32, generator=g) for t in (y, y_test))
+print(json.dumps(ev.linear_probe(x, y, x_test, y_test, weight_decay=1e-4)))
+"""
+
+
+def test_linear_probe_does_not_depend_on_the_thread_count():
+    """Run to the optimum, the probe gives the same accuracies with 1 and 2 threads (each in its own process, since
+    the thread count is set once per process)."""
+    runs = [json.loads(subprocess.run([sys.executable, "-c", PROBE_THREADS, str(n), HERE], capture_output=True,
+                                      text=True, check=True, timeout=300).stdout) for n in (1, 2)]
+    assert all(r["converged"] for r in runs)
+    assert (runs[0]["train_top1"], runs[0]["test_top1"]) == (runs[1]["train_top1"], runs[1]["test_top1"])
+    assert runs[0]["objective"] == pytest.approx(runs[1]["objective"], abs=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------- collapse
 def test_eval_spectrum_and_effective_rank():
     g = torch.Generator().manual_seed(0)
