@@ -111,7 +111,7 @@ def tuned_probe(train_f, train_y, test_f, test_y, num_classes=None, iters=PROBE_
     probe.pop("weights")
     return {**probe, "weight_decay": best, "max_iters": iters, "tolerance": PROBE_TOL,
             "num_validation": int(val.sum()),
-            "validation_top1": {f"{wd:g}": top1 for wd, top1 in scores.items()}}
+            "validation_top1": {f"{wd:g}": scores[wd] for wd in grid}}
 
 
 def carve_validation(labels, fraction=0.2, seed=0):
