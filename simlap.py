@@ -14,14 +14,18 @@ of neither class are the negatives. Read in order:
 """
 import argparse
 import copy
+import gc
 import gzip
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 import warnings
 from typing import NamedTuple
 
@@ -1194,7 +1198,8 @@ def checksum(obj):
             h.update(b"{")
             for k, v in x.items():
                 if not (x is obj and k == "checksum"):
-                    visit(k), visit(v)
+                    visit(k)
+                    visit(v)
             h.update(b"}")
         elif isinstance(x, (list, tuple)):
             h.update(b"[")
@@ -1237,6 +1242,11 @@ class CannotWrite(UserError):
     """A file that cannot be written (no space left, no permission): the file it would replace is kept."""
 
 
+class Interrupted(UserError):
+    """Ctrl-C outside train.py's loop (or twice inside it): one line, exit code 130, the shell's for SIGINT."""
+    exit_code = 130
+
+
 class PeerFailed(UserError):
     """Another process of a multi-process run stopped (its line, or torchrun's report, says why), so a collective of
     this one failed: exit code 1, and no line of its own."""
@@ -1265,8 +1275,7 @@ def cli(main, prog, argv=None, cleanup=None):
             bar.leave = False
             bar.close()
         if isinstance(e, KeyboardInterrupt):
-            e = UserError("interrupted (Ctrl-C)")
-            e.exit_code = 130
+            e = Interrupted("interrupted (Ctrl-C)")
         elif isinstance(e, RuntimeError):
             e = PeerFailed("")
         if str(e):  # empty: another process of the run (rank 0) says it
@@ -1284,10 +1293,6 @@ def end_workers(grace=10.0):
     """Before exit: data loader workers that an error path left running (no stop_workers) get `grace` seconds to end
     on their own, then SIGKILL. train.py's workers ignore SIGTERM (so that a scheduler's signal reaches only the
     main process), and multiprocessing would otherwise wait for them at exit forever."""
-    import gc
-    import multiprocessing
-    import signal
-    import time
     gc.collect()  # frees iterators that only an error's reference cycle still held: they shut their workers down
     children = multiprocessing.active_children()
     if not children:
